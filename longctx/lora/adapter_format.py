@@ -1,0 +1,62 @@
+"""PEFT's LoRA on-disk format, followed exactly (peft/tuners/lora, peft/utils/save_and_load.py).
+
+An adapter directory holds adapter_config.json and adapter_model.safetensors with keys
+  base_model.model.<module>.lora_A.weight            (r x in)
+  base_model.model.<module>.lora_B.weight            (out x r)
+  base_model.model.<module>.lora_embedding_A         (r x num_embeddings)   embeddings
+  base_model.model.<module>.lora_embedding_B         (embedding_dim x r)
+  base_model.model.<module>.lora_B.bias              (out,)  with lora_bias: true
+  base_model.model.<module>.weight                   full copies of modules_to_save
+scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), where r and lora_alpha
+come from rank_pattern / alpha_pattern when a key there matches the module name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from longctx.errors import LongctxError
+from longctx.models.output import read_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+
+def lora_key(module: str, part: str) -> str:
+    """Key of one LoRA tensor: part is 'lora_A.weight', 'lora_B.weight', 'lora_embedding_A', ..."""
+    return f"{KEY_PREFIX}{module}.{part}"
+
+
+def full_module_key(module: str, tensor: str = "weight") -> str:
+    """Key of a modules_to_save tensor as PEFT saves it (the wrapper's name is stripped)."""
+    return f"{KEY_PREFIX}{module}.{tensor}"
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with module ~ (.*\\.)?(k)$."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    rank = pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    return int(rank), float(alpha)
+
+
+def module_scaling(config: dict, module: str) -> float:
+    rank, alpha = module_rank_alpha(config, module)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise LongctxError(f"{adapter_dir} is not a PEFT adapter: {ADAPTER_CONFIG} is missing")
+    return read_json(adapter_dir / ADAPTER_CONFIG)

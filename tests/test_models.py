@@ -1,0 +1,107 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from longctx.errors import LongctxError
+from longctx.models import ShardedSafetensorsWriter, TensorReader, atomic_output_dir, resolve_model
+
+
+def test_tensor_reader_streams_sharded_checkpoint(tmp_path):
+    model_dir = make_tiny_llama(tmp_path / "m", max_shard_size="100KB")
+    reader = TensorReader(model_dir)
+    assert len(reader.shards()) > 1
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    state = model.state_dict()
+    names = reader.names()
+    assert set(names) == set(state)
+    for name, tensor in reader.iter_tensors():
+        assert torch.equal(tensor, state[name])
+        assert reader.shape(name) == tuple(tensor.shape)
+        assert reader.dtype(name) == tensor.dtype
+
+
+def test_tensor_reader_refuses_pickle_without_flag(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(LongctxError, match="--allow-pickle"):
+        TensorReader(tmp_path)
+    assert torch.equal(TensorReader(tmp_path, allow_pickle=True).get("w"), torch.ones(2))
+
+
+def test_tensor_reader_reports_missing_shard(tmp_path):
+    model_dir = make_tiny_llama(tmp_path / "m", max_shard_size="100KB")
+    shard = sorted(model_dir.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(LongctxError, match="missing weight shard"):
+        TensorReader(model_dir)
+
+
+def test_sharded_writer_output_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = make_tiny_llama(tmp_path / "src")
+    reader = TensorReader(source)
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=50_000)
+        for name, tensor in reader.iter_tensors():
+            writer.add(name, tensor)
+        shards = writer.close()
+        (tmp / "config.json").write_text((source / "config.json").read_text())
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(source).state_dict()
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(dest) as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_dir_refuses_existing_unless_overwrite(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old").write_text("old")
+    with pytest.raises(LongctxError, match="--overwrite"):
+        with atomic_output_dir(dest):
+            pass
+    with atomic_output_dir(dest, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_unknown_reference_and_unreachable_hub_fail_fast(tmp_path, monkeypatch):
+    with pytest.raises(LongctxError, match="not found"):
+        resolve_model(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LongctxError, match="cannot reach the Hugging Face hub"):
+        resolve_model("meta-llama/Meta-Llama-3-8B")
+
+
+@pytest.mark.slow
+def test_default_model_resolves_offline_from_package(default_model_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(default_model_dir)
+    assert config.model_type == "llama"
+    assert config.num_hidden_layers == 30
+    assert config.max_position_embeddings == 8192
+    assert config.rope_parameters["rope_theta"] == 100000.0
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    assert tokenizer.chat_template
+    assert tokenizer.model_max_length == 8192
+    assert resolve_model("smollm2-135m") == default_model_dir
+    assert not any(p.name.startswith(".") for p in default_model_dir.parent.iterdir())
