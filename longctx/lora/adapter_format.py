@@ -13,8 +13,10 @@ come from rank_pattern / alpha_pattern when a key there matches the module name.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import struct
 from pathlib import Path
 
 from longctx.errors import LongctxError
@@ -60,3 +62,128 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise LongctxError(f"{adapter_dir} is not a PEFT adapter: {ADAPTER_CONFIG} is missing")
     return read_json(adapter_dir / ADAPTER_CONFIG)
+
+
+def lora_adapter_config(
+    *,
+    base_model: str,
+    ranks: dict[str, int],
+    target_modules: list[str],
+    modules_to_save: list[str] | None,
+    lora_bias: bool = False,
+    ensure_weight_tying: bool = False,
+) -> dict:
+    """adapter_config.json for extracted factors: scaling 1 everywhere (lora_alpha = r per module).
+
+    `r` is the most common rank (ties: the largest), so rank_pattern lists only the
+    exceptions; pattern keys are escaped full module names, matched literally by PEFT.
+    """
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    default_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
+    exceptions = {re.escape(module): rank for module, rank in ranks.items() if rank != default_rank}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": default_rank,
+        "lora_alpha": default_rank,
+        "rank_pattern": exceptions,
+        "alpha_pattern": dict(exceptions),
+        "target_modules": sorted(target_modules),
+        "modules_to_save": sorted(modules_to_save) if modules_to_save else None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": lora_bias,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "ensure_weight_tying": ensure_weight_tying,
+        "inference_mode": True,
+    }
+
+
+def _safetensors_dtype(dtype) -> str:
+    """The safetensors name of a torch dtype (torch is imported here, not at module top)."""
+    import torch
+
+    names = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+    if dtype not in names:
+        raise ValueError(f"safetensors cannot store dtype {dtype}")
+    return names[dtype]
+
+
+class StreamingSafetensorsWriter:
+    """Write one .safetensors file without holding its tensors in memory.
+
+    PEFT reads a single adapter_model.safetensors, but an adapter with full-rank
+    embeddings can be gigabytes. Tensor bytes go to a side file as they are produced;
+    `close()` writes the header (which must come first and lists every offset) and then
+    copies the bytes after it in blocks. The result is the standard safetensors layout:
+    8-byte little-endian header length, JSON header padded to 8 bytes, raw data.
+    """
+
+    COPY_BLOCK = 64 * 1024**2
+
+    def __init__(self, path: str | Path, *, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._data_path = self.path.with_name(self.path.name + ".data")
+        self._data = open(self._data_path, "wb")
+        self._header: dict[str, dict] = {}
+        self._offset = 0
+        self.metadata = {"format": "pt", **(metadata or {})}
+
+    def add(self, name: str, tensor) -> None:
+        """Append one torch tensor."""
+        import torch
+
+        if name in self._header:
+            raise ValueError(f"tensor {name} written twice")
+        dtype_name = _safetensors_dtype(tensor.dtype)
+        tensor = tensor.detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        self._data.write(memoryview(raw))
+        size = tensor.numel() * tensor.element_size()
+        self._header[name] = {
+            "dtype": dtype_name,
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + size],
+        }
+        self._offset += size
+
+    @property
+    def total_bytes(self) -> int:
+        return self._offset
+
+    def names(self) -> list[str]:
+        return list(self._header)
+
+    def close(self) -> Path:
+        self._data.close()
+        header = {"__metadata__": self.metadata, **dict(sorted(self._header.items()))}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            while block := data.read(self.COPY_BLOCK):
+                out.write(block)
+        self._data_path.unlink()
+        return self.path
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)

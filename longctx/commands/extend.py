@@ -1,0 +1,131 @@
+"""`longctx extend`: write a model directory with rope settings for a longer context."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from longctx.commands._args import add_model_argument, add_output_arguments, formatter, token_count
+from longctx.commands.plan import DEFAULT_METHOD, METHODS
+from longctx.errors import LongctxError
+
+DESCRIPTION = """\
+Write a copy of a model whose config extends its context to --target-len tokens: the new
+rope parameters and max_position_embeddings in config.json (transformers v5
+rope_parameters), model_max_length in tokenizer_config.json, and longctx.json recording
+the method, its parameters, the source model and its original length (train,
+extract-lora and merge-adapters read it). Weight shards are hard-linked (copied across
+filesystems): nothing else is rewritten, so an 8B model extends in seconds. The output
+loads with AutoModelForCausalLM as is. Do not save over the output in place: its shards
+are the source model's files.
+
+The default method is yarn: of the training-free methods it holds up best without any
+fine-tuning, and it fine-tunes well. See `longctx plan --help` for every method; run
+`longctx plan` first to see the parameters and a fine-tuning schedule.
+
+dynamic follows transformers' convention: max_position_embeddings stays the original
+length and the base grows with the sequence at inference time."""
+
+EPILOG = """\
+examples:
+  longctx extend --target-len 32k --output out/smollm2-32k
+  longctx extend --model llama-3-8b/ --target-len 1M --method scaling-law --output out/llama3-1m
+  longctx extend --model llama-2-7b/ --target-len 64k --method ntk --rope-theta 1e6 --output out/l2-64k
+  longctx extend --model llama-2-7b/ --target-len 128k --method yarn --factor 32 --beta-fast 32 --output out/l2-yarn
+  longctx extend --target-len 32k --method yarn --output out/smollm2-32k --train configs/smollm2-32k.yaml
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "extend",
+        help="write a model with rope settings for a longer context (config only, weights linked)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    add_model_argument(parser)
+    parser.add_argument("--target-len", type=token_count, required=True, metavar="N",
+                        help="context length to reach: 1048576, 1M, 1m, 128k, 128K")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="scaling method (default: %(default)s)")
+    parser.add_argument("--factor", type=float, metavar="F",
+                        help="scale factor instead of target / native length (not for scaling-law)")
+    parser.add_argument("--rope-theta", type=float, metavar="T",
+                        help="ntk, scaling-law: the rope_theta to write instead of the formula's; "
+                        "other methods: the base theta they scale")
+    add_output_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="write even if --target-len is not beyond the model's length")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pytorch_model*.bin weights (pickles can run code when loaded)")
+    parser.add_argument("--train", metavar="FILE", help="after extending, fine-tune with this training config (YAML)")
+    method_options = parser.add_argument_group("method options (yarn, llama3)")
+    method_options.add_argument("--beta-fast", type=float, metavar="B", help="yarn: rotations where extrapolation stops (transformers default 32)")
+    method_options.add_argument("--beta-slow", type=float, metavar="B", help="yarn: rotations where interpolation starts (transformers default 1)")
+    method_options.add_argument("--attention-factor", type=float, metavar="A", help="yarn: cos/sin scale (default 0.1 ln(factor) + 1)")
+    method_options.add_argument("--mscale", type=float, metavar="M", help="yarn: DeepSeek-style mscale (with --mscale-all-dim)")
+    method_options.add_argument("--mscale-all-dim", type=float, metavar="M", help="yarn: DeepSeek-style mscale_all_dim")
+    method_options.add_argument("--no-truncate", dest="truncate", action="store_const", const=False, default=None,
+                                help="yarn: do not round the correction range to whole dimensions")
+    method_options.add_argument("--low-freq-factor", type=float, metavar="L", help="llama3: default 1")
+    method_options.add_argument("--high-freq-factor", type=float, metavar="H", help="llama3: default 4")
+    parser.set_defaults(func=run)
+
+
+METHOD_OPTIONS = ("factor", "rope_theta", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+                  "truncate", "low_freq_factor", "high_freq_factor")
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _training_entry_point(config_path: Path):
+    if not config_path.is_file():
+        raise LongctxError(f"training config {config_path} not found; give an existing YAML file to --train")
+    try:
+        from longctx.train.api import train_after_extend
+    except ImportError as error:
+        raise LongctxError(f"training is unavailable in this installation ({error}); run extend without --train") from error
+    return train_after_extend
+
+
+def run(args: argparse.Namespace) -> int:
+    from longctx.models import resolve_model
+    from longctx.rope.extend import extend_model
+    from longctx.rope.planner import describe_rope
+
+    train_after_extend = _training_entry_point(Path(args.train)) if args.train else None
+    start = time.perf_counter()
+    model_dir = resolve_model(args.model)
+    result = extend_model(
+        model_dir,
+        args.output,
+        args.target_len,
+        args.method,
+        source_model=str(args.model),
+        overwrite=args.overwrite,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        **{name: getattr(args, name) for name in METHOD_OPTIONS},
+    )
+    elapsed = time.perf_counter() - start
+    how = "hard-linked" if not result.copied else ("copied" if not result.linked else f"{result.linked} linked, {result.copied} copied")
+    print(f"extended {args.model} from {result.native_len} to {result.target_len} tokens in {elapsed:.2f} s -> {result.output}")
+    print(f"  before:  {describe_rope(result.source)}, max_position_embeddings {result.source['max_position_embeddings']}")
+    print(f"  method:  {args.method}: {describe_rope(result.settings)}")
+    print(f"  config:  rope_parameters {json.dumps(result.settings['rope_parameters'])}, "
+          f"max_position_embeddings {result.settings['max_position_embeddings']}")
+    print(f"  weights: {len(result.weight_files)} file(s), {_size(result.weight_bytes)}, {how}")
+    print(f"  carried: {', '.join(result.carried) or 'no tokenizer or generation files found'}")
+    print(f"  record:  {result.output / 'longctx.json'}")
+    if train_after_extend is None:
+        print(f"next: longctx needle --model {result.output}   (or fine-tune: longctx train, see `longctx plan`)")
+        return 0
+    trained = train_after_extend(extended_dir=Path(args.output), config_path=Path(args.train), overwrite=args.overwrite)
+    print(f"trained model: {trained}")
+    return 0

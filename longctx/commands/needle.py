@@ -1,0 +1,110 @@
+"""`longctx needle`: a needle-in-a-haystack grid (lengths x depths), scores, summary and heatmap."""
+
+from __future__ import annotations
+
+import argparse
+
+from longctx.commands._args import add_model_argument, add_output_arguments, float_list, formatter, token_count, token_count_list
+
+DESCRIPTION = """\
+Hide a needle (a passkey, gkamradt's sentence, or RULER's magic keys and values) at each
+depth of a haystack of each length, ask for it, and score the answer by string match.
+Every prompt is exactly L tokens of the model's own tokenizer, template included. The KV
+cache of the haystack prefix is computed once and reused for every depth and length, so
+only the part of each prompt from the needle onwards is processed (exact with static rope
+scaling; models with dynamic NTK are prefilled from scratch).
+
+Writes results.jsonl (one line per sample, appended as it finishes: --resume continues an
+interrupted run), summary.json (means per length and depth, effective length) and heatmap.png."""
+
+EPILOG = """\
+examples:
+  # the classic passkey grid on the default model
+  longctx needle --lengths 1k,2k,4k,8k --num-depths 5 --output out/needle
+  # gkamradt's needle in prose, 11 sigmoid-spaced depths, 3 samples per cell
+  longctx needle --model out/smollm2-32k --task needle --haystack essays \\
+      --min-len 4k --max-len 32k --num-lengths 8 --num-depths 11 --depth-spacing sigmoid \\
+      --samples 3 --output out/needle-32k
+  # RULER's multi-key variant with uuid values, scored teacher-forced (one forward pass)
+  longctx needle --task multikey --value-type uuids --scoring teacher-forced \\
+      --lengths 2k,4k --depths 0,25,50,75,100 --output out/ruler-mk
+  # your own needle in your own documents; resume after an interruption
+  longctx needle --task needle --haystack dir:docs/ --needle "The code word is lilac." \\
+      --question "What is the code word?" --answer-prefix "The code word is" --answer "lilac" \\
+      --lengths 4k --num-depths 11 --output out/mine --resume
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "needle", help="needle-in-a-haystack grid with a heatmap", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    add_model_argument(parser)
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--lengths", type=token_count_list, metavar="L,L,...", help="context lengths, e.g. 1k,2k,4k,8k")
+    grid.add_argument("--min-len", type=token_count, metavar="L", help="shortest length (with --max-len, --num-lengths)")
+    grid.add_argument("--max-len", type=token_count, metavar="L", help="longest length")
+    grid.add_argument("--num-lengths", type=int, default=4, metavar="N", help="lengths from --min-len to --max-len (default: %(default)s)")
+    grid.add_argument("--depths", type=float_list, metavar="D,D,...", help="needle depths in percent, e.g. 0,25,50,75,100")
+    grid.add_argument("--num-depths", type=int, default=5, metavar="N", help="depths from 0 to 100 (default: %(default)s)")
+    grid.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear", help="spacing of --num-depths (default: %(default)s)")
+    grid.add_argument("--samples", type=int, default=1, metavar="N", help="samples per cell, each with new needle values (default: %(default)s)")
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", choices=("passkey", "needle", "single", "multikey", "multivalue", "multiquery"), default="passkey",
+                      help="what to hide: passkey, gkamradt's needle, or RULER's NIAH variants (default: %(default)s)")
+    task.add_argument("--value-type", choices=("numbers", "words", "uuids"), default="numbers",
+                      help="values of the RULER tasks (default: %(default)s)")
+    task.add_argument("--haystack", default="noise", metavar="SOURCE",
+                      help="noise, essays (Python's pydoc topics), file:PATH, dir:PATH or dataset:NAME[:SPLIT[:COLUMN]] (default: %(default)s)")
+    task.add_argument("--needle", help="your own needle sentence (--task needle)")
+    task.add_argument("--question", help="the question about your needle (--task needle)")
+    task.add_argument("--answer-prefix", help="text the answer starts with (--task needle; default 'Answer:')")
+    task.add_argument("--answer", help="the expected answer (--task needle; default: the needle)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--scoring", choices=("generate", "teacher-forced"), default="generate",
+                     help="greedy generation + string match, or one teacher-forced pass (default: %(default)s)")
+    run.add_argument("--prompt", choices=("auto", "chat", "raw"), default="auto",
+                     help="chat template or raw text; auto = chat when the tokenizer has a template (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the needle values (default: %(default)s)")
+    run.add_argument("--no-prefix-reuse", action="store_true", help="prefill every prompt from scratch (for comparison)")
+    run.add_argument("--chunk-size", type=token_count, default=2048, metavar="T", help="prefill chunk, bounds activation memory (default: %(default)s)")
+    run.add_argument("--threshold", type=float, default=0.85, help="score defining the effective length (default: %(default)s)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished samples")
+    add_output_arguments(parser)
+    parser.set_defaults(func=run_command)
+
+
+def grid_from_args(args: argparse.Namespace):
+    from longctx.errors import LongctxError
+    from longctx.eval.grid import GridPlan, grid_depths, linear_lengths
+
+    if args.lengths and (args.min_len or args.max_len):
+        raise LongctxError("give --lengths or --min-len/--max-len, not both")
+    if args.lengths:
+        lengths = args.lengths
+    elif args.min_len and args.max_len:
+        lengths = linear_lengths(args.min_len, args.max_len, args.num_lengths)
+    else:
+        raise LongctxError("no lengths: pass --lengths 1k,2k,4k or --min-len 1k --max-len 8k [--num-lengths N]")
+    depths = args.depths if args.depths is not None else grid_depths(args.num_depths, args.depth_spacing)
+    return GridPlan(lengths, depths, args.samples, not args.no_prefix_reuse, args.chunk_size, args.threshold)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from longctx.eval.grid import NeedleSettings, format_table, run_grid
+
+    plan = grid_from_args(args)
+    settings = NeedleSettings(
+        model=str(args.model), task=args.task, value_type=args.value_type, haystack=args.haystack,
+        scoring=args.scoring, prompt=args.prompt, seed=args.seed, needle=args.needle, question=args.question,
+        answer_prefix=args.answer_prefix, answer=args.answer,
+    )
+    summary = run_grid(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite)
+    print(format_table(summary))
+    effective = summary["effective_length"]
+    print(
+        f"mean score {summary['mean_score']} over {summary['samples_done']} samples; effective length "
+        f"{effective if effective else 'none'} (mean >= {summary['threshold']}); results in {args.output}"
+    )
+    return 0

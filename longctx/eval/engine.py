@@ -1,0 +1,204 @@
+"""Model-side work of an evaluation: chunked prefill, prefix KV reuse, greedy answers, teacher forcing.
+
+Prefix reuse: every prompt of a run starts with the same tokens (template head + haystack)
+up to its first needle. `PrefixCache` computes the KV cache of those clean tokens once,
+growing it on demand, and hands each prompt a copy cropped to its shared prefix, so only
+the rest of the prompt (needle onwards) is processed. With static RoPE scaling a key's
+rotation depends only on its position, so this is exact. With dynamic NTK the rotation
+base depends on the length of the whole forward pass, so a cache built at one length is
+wrong at another: reuse is refused and every prompt is prefilled from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from longctx.errors import LongctxError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 2048
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # rotation depends on the sequence length
+
+
+def rope_type(config) -> str:
+    """The model's rope type ('default', 'linear', 'dynamic', 'yarn', ...), v5 or v4 config."""
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    try:
+        from longctx.rope.config import rope_settings
+
+        return str(rope_settings(config_dict).rope_type)
+    except Exception:  # the rope package is optional here: read the config directly
+        pass
+    parameters = config_dict.get("rope_parameters") or config_dict.get("rope_scaling") or {}
+    if isinstance(parameters, dict) and all(isinstance(v, dict) for v in parameters.values()) and parameters:
+        parameters = next(iter(parameters.values()))  # per-layer-type parameters
+    return str(parameters.get("rope_type") or parameters.get("type") or "default")
+
+
+def prefix_reuse_supported(config) -> bool:
+    return rope_type(config) not in LENGTH_DEPENDENT_ROPE
+
+
+def new_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cropped_copy(cache, length: int):
+    """A new DynamicCache holding the first `length` positions of `cache` (copied; cache is untouched)."""
+    from transformers import DynamicCache
+
+    if length == 0:
+        return DynamicCache()
+    return DynamicCache([(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers])
+
+
+@torch.no_grad()
+def prefill(model, cache, ids: list[int], *, chunk_size: int = DEFAULT_CHUNK, keep: int = 1) -> torch.Tensor | None:
+    """Run ids through the model on top of `cache` in chunks; returns the logits of the last `keep`
+    positions (shape keep x vocab), or None for keep=0. Chunks bound activation memory."""
+    if not ids:
+        return None
+    device = model.device
+    head, last = ids[: len(ids) - keep], ids[len(ids) - keep :] if keep else []
+    for start in range(0, len(head), chunk_size):
+        chunk = torch.tensor([head[start : start + chunk_size]], device=device)
+        model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if not last:
+        return None
+    logits = model(
+        input_ids=torch.tensor([last], device=device), past_key_values=cache, use_cache=True, logits_to_keep=keep
+    ).logits
+    return logits[0, -keep:].float()
+
+
+class PrefixCache:
+    """The KV cache of `clean_tokens` (head + haystack), grown on demand and shared by all prompts."""
+
+    def __init__(self, model, clean_tokens: list[int], *, enabled: bool = True, chunk_size: int = DEFAULT_CHUNK):
+        self.model = model
+        self.clean_tokens = clean_tokens
+        self.enabled = enabled
+        self.chunk_size = chunk_size
+        self.cache = new_cache()
+        self.length = 0
+        self.tokens_processed = 0  # clean tokens run through the model (for the work accounting)
+
+    def start(self, ids: list[int], shared: int):
+        """(cache, position): a cache holding ids[:position] and the position to continue from."""
+        if not self.enabled or shared == 0:
+            return new_cache(), 0
+        if ids[:shared] != self.clean_tokens[:shared]:
+            raise ValueError("prompt does not start with the clean haystack tokens")
+        if shared > self.length:
+            prefill(self.model, self.cache, self.clean_tokens[self.length : shared], chunk_size=self.chunk_size, keep=0)
+            self.tokens_processed += shared - self.length
+            self.length = shared
+        return cropped_copy(self.cache, shared), shared
+
+
+@dataclass
+class Answer:
+    text: str
+    parts_right: list[bool] | None  # teacher forcing: whether each answer part was the argmax; None for generation
+    new_tokens: int  # prompt tokens run through the model for this answer
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prefix: PrefixCache, ids: list[int], shared: int, max_new_tokens: int) -> Answer:
+    """Greedy continuation of the prompt, stopping at end of sequence or at the end of the first line."""
+    cache, position = prefix.start(ids, shared)
+    logits = prefill(model, cache, ids[position:], chunk_size=prefix.chunk_size, keep=1)
+    stop_ids = _stop_ids(model, tokenizer)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits[-1].argmax())
+        if token in stop_ids:
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if "\n" in text.lstrip():
+            break
+        logits = model(
+            input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True
+        ).logits[0].float()
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return Answer(text.lstrip().split("\n")[0].strip(), None, len(ids) - position)
+
+
+@torch.no_grad()
+def teacher_forced_answer(
+    model, tokenizer, prefix: PrefixCache, ids: list[int], shared: int, answer_parts: list[list[int]]
+) -> Answer:
+    """One forward pass over prompt + answer: each part (a run of answer tokens) counts as right
+    when every one of its tokens is the argmax, as EasyContext's eval_forward does."""
+    answer_ids = [token for part in answer_parts for token in part]
+    cache, position = prefix.start(ids, shared)
+    logits = prefill(model, cache, (ids + answer_ids[:-1])[position:], chunk_size=prefix.chunk_size, keep=len(answer_ids))
+    predicted = logits.argmax(-1).tolist()
+    parts_right, cursor = [], 0
+    for part in answer_parts:
+        parts_right.append(predicted[cursor : cursor + len(part)] == part)
+        cursor += len(part)
+    text = tokenizer.decode(predicted, skip_special_tokens=True).strip()
+    return Answer(text, parts_right, len(ids) + len(answer_ids) - 1 - position)
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+# Memory ---------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True) -> int:
+    """Peak memory of evaluating one prompt of `length` tokens: the KV caches (shared prefix + the
+    working copy), one chunk's attention scores and MLP activations, and the weights."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dtype_bytes = next(model.parameters()).element_size()
+    caches = (2 if reuse else 1) * length * kv_bytes_per_token(config, dtype_bytes)
+    chunk = min(chunk_size, length)
+    attention = text.num_attention_heads * chunk * length * 4  # scores in float32 (eager/math kernels)
+    mlp = chunk * (getattr(text, "intermediate_size", 4 * text.hidden_size) * 3 + text.hidden_size * 4) * dtype_bytes
+    logits = 64 * text.vocab_size * 4  # only the last positions' logits are kept
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(caches + 2 * attention + mlp + logits + weights)
+
+
+def available_memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True) -> int:
+    """Refuse up front, with the figures, a length whose evaluation would not fit in memory."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = estimate_memory_bytes(model, length, chunk_size=chunk_size, reuse=reuse) - weights  # weights are loaded
+    free = available_memory_bytes(model.device)
+    if need > 0.9 * free:
+        raise LongctxError(
+            f"length {length} needs about {need / 2**30:.1f} GiB beyond the loaded weights (KV cache + activations) "
+            f"but {free / 2**30:.1f} GiB is available; use shorter --lengths or a smaller --chunk-size"
+        )
+    return need

@@ -1,0 +1,52 @@
+"""The depth x length heatmap users know from gkamradt's test: red (0) - yellow - green (1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# gkamradt's LLMTest_NeedleInAHaystack colours (also EasyContext's)
+COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
+
+
+def length_label(length: int) -> str:
+    if length % 1024 == 0:
+        return f"{length // 1024}K"
+    return f"{length / 1000:.1f}k" if length >= 1000 else str(length)
+
+
+def plot_heatmap(
+    scores: dict[tuple[int, float], float], path: str | Path, *, title: str, lengths: list[int], depths: list[float]
+) -> Path:
+    """Write a PNG of the mean score of each (length, depth) cell; missing cells are left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LinearSegmentedColormap
+
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for row, depth in enumerate(depths):
+        for column, length in enumerate(lengths):
+            if (length, depth) in scores:
+                grid[row, column] = scores[(length, depth)]
+    width = min(18.0, 2.5 + 0.9 * len(lengths))
+    height = min(10.0, 1.8 + 0.45 * len(depths))
+    figure, axes = plt.subplots(figsize=(width, height), dpi=100)
+    cmap = LinearSegmentedColormap.from_list("needle", COLOURS)
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for row in range(len(depths)):
+        for column in range(len(lengths)):
+            if not np.isnan(grid[row, column]):
+                axes.text(column, row, f"{grid[row, column]:.2f}", ha="center", va="center", fontsize=9, color="black")
+    axes.set_xticks(range(len(lengths)), [length_label(length) for length in lengths])
+    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+    axes.set_xlabel("Context length (tokens)")
+    axes.set_ylabel("Needle depth (%)")
+    axes.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axes, label="Score", fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,0 +1,495 @@
+"""Extract the difference between a base model and its fine-tune as a PEFT LoRA adapter.
+
+    base + adapter ~= extended
+
+Tensors are paired by name and processed one pair at a time, in the extended model's
+shard order, so peak memory is set by the largest matrix and not by the model:
+
+- a targeted linear layer's weight delta (float32) is factored into B @ A by
+  longctx.lora.lowrank (fixed rank, or the smallest rank keeping an energy fraction);
+  its bias delta, if any, becomes `lora_B.bias` (with `lora_bias: true`);
+- the input embeddings and lm_head are copied at full rank into `modules_to_save`
+  (default), factored as LoRA (`lora_embedding_A/B` for the embedding), or skipped;
+- any other changed module (norms) is copied whole into `modules_to_save`;
+- unchanged modules are left out, and whatever changed but cannot be expressed
+  (a linear layer outside --target-modules) is reported as skipped, never dropped silently.
+
+The adapter's tensors stream into one adapter_model.safetensors (PEFT reads a single
+file). Beside it: adapter_config.json, longctx.json (the extended model's rope settings,
+which merge_adapters applies; a LoRA alone carries no config) and extraction_report.json
+(per module: rank, retained energy, measured relative error ||dW - BA|| / ||dW||).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from longctx.errors import LongctxError
+from longctx.lora import adapter_format
+from longctx.lora.lowrank import factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
+from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
+from longctx.models.metadata import read_metadata, write_metadata
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "extraction_report.json"
+DEFAULT_RANK = 64
+EMBEDDING_POLICIES = ("full", "lora", "skip")
+VOCAB_POLICIES = ("error", "keep-base")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExtractionSettings:
+    rank: int | None = None  # fixed rank for every module
+    energy: float | None = None  # or: the smallest rank keeping this fraction of sum(s^2)
+    max_rank: int | None = None  # cap for --energy
+    target_modules: list[str] | None = None  # names or last name segments; None: every linear layer
+    embeddings: str = "full"  # full (modules_to_save) | lora | skip
+    vocab_policy: str = "error"  # error | keep-base (adapter keeps the base vocabulary)
+    dtype: str = "float32"  # of the LoRA factors; full-rank copies keep the extended model's dtype
+    device: str = "cpu"
+    allow_pickle: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.rank is not None and self.energy is not None:
+            raise LongctxError("give either --rank or --energy, not both")
+        if self.rank is None and self.energy is None:
+            self.rank = DEFAULT_RANK
+        if self.rank is not None and self.rank <= 0:
+            raise LongctxError(f"--rank must be a positive integer, got {self.rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise LongctxError(f"--energy must be in (0, 1], e.g. 0.9, got {self.energy}")
+        if self.max_rank is not None:
+            if self.energy is None:
+                raise LongctxError("--max-rank caps the rank chosen by --energy; with --rank, set the rank directly")
+            if self.max_rank <= 0:
+                raise LongctxError(f"--max-rank must be a positive integer, got {self.max_rank}")
+        if self.embeddings not in EMBEDDING_POLICIES:
+            raise LongctxError(f"--embeddings must be one of {', '.join(EMBEDDING_POLICIES)}, got {self.embeddings!r}")
+        if self.vocab_policy not in VOCAB_POLICIES:
+            raise LongctxError(f"--vocab-policy must be one of {', '.join(VOCAB_POLICIES)}, got {self.vocab_policy!r}")
+        if self.dtype not in DTYPES:
+            raise LongctxError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LongctxError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# The model's structure: which tensor belongs to which module, and what kind of module.
+
+
+@dataclass
+class ModelLayout:
+    """Module kinds of the base architecture, read from a meta-device instance (no weights)."""
+
+    module_kind: dict[str, str]  # module name -> "linear" | "embedding" | "lm_head" | "other"
+    param_module: dict[str, tuple[str, str]]  # tensor name -> (module name, parameter name)
+    module_params: dict[str, list[str]]  # module name -> its parameter names
+    all_modules: list[str]
+    tied_embeddings: bool
+    embedding_module: str | None
+    lm_head_module: str | None
+
+
+def model_layout(model_dir: Path) -> ModelLayout:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as error:
+        raise LongctxError(f"cannot build the architecture of {model_dir} with transformers: {error}") from error
+    embedding = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    module_kind, param_module, module_params = {}, {}, {}
+    embedding_name = lm_head_name = None
+    for name, module in model.named_modules():
+        params = list(module._parameters)
+        if not name or not params:
+            continue
+        if module is embedding:
+            kind, embedding_name = "embedding", name
+        elif module is lm_head:
+            kind, lm_head_name = "lm_head", name
+        elif isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        else:
+            kind = "other"
+        module_kind[name] = kind
+        module_params[name] = params
+        for param in params:
+            param_module[f"{name}.{param}"] = (name, param)
+    all_modules = [name for name, _ in model.named_modules() if name]
+    return ModelLayout(module_kind, param_module, module_params, all_modules, tied, embedding_name, lm_head_name)
+
+
+def _matches_target(module: str, target: str) -> bool:
+    """PEFT's target_modules rule for a list entry: the full name or a dotted suffix."""
+    return module == target or module.endswith("." + target)
+
+
+def peft_names(selected: set[str], all_modules: list[str], matches) -> list[str]:
+    """Short PEFT names for a set of modules: a last name segment where it matches exactly
+    modules in the set, full names otherwise (so no unintended module is wrapped)."""
+    names: list[str] = []
+    by_segment: dict[str, list[str]] = {}
+    for module in sorted(selected):
+        by_segment.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    for segment, modules in by_segment.items():
+        if all(m in selected for m in all_modules if matches(m, segment)):
+            names.append(segment)
+            continue
+        for module in modules:
+            if not all(m in selected for m in all_modules if matches(m, module)):
+                raise LongctxError(f"module {module} cannot be named for PEFT without also matching other modules")
+            names.append(module)
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks before any work: same architecture, same tensors, same shapes.
+
+
+def _config_summary(config: dict) -> tuple:
+    text = config.get("text_config", config)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return tuple(text.get(key) for key in keys) + (tuple(config.get("architectures") or ()),)
+
+
+def check_compatible(base_config: dict, extended_config: dict, base: TensorReader, extended: TensorReader,
+                     layout: ModelLayout, settings: ExtractionSettings) -> None:
+    if _config_summary(base_config) != _config_summary(extended_config):
+        raise LongctxError(
+            f"BASE and EXTENDED have different architectures ({_config_summary(base_config)} vs "
+            f"{_config_summary(extended_config)}); extract-lora needs a model and its own fine-tune"
+        )
+    ignored = _ignored_tensors(layout)
+    base_names = set(base.names()) - ignored
+    extended_names = set(extended.names()) - ignored
+    for missing, where in ((extended_names - base_names, "BASE"), (base_names - extended_names, "EXTENDED")):
+        if missing:
+            listed = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+            raise LongctxError(f"{len(missing)} tensor(s) missing from {where} ({listed}); the models have different architectures")
+    vocabulary_tensors = {f"{m}.weight" for m in (layout.embedding_module, layout.lm_head_module) if m}
+    for name in sorted(extended_names):
+        base_shape, extended_shape = base.shape(name), extended.shape(name)
+        if base_shape == extended_shape:
+            continue
+        if name in vocabulary_tensors and base_shape[1:] == extended_shape[1:]:
+            if settings.vocab_policy == "keep-base":
+                continue
+            raise LongctxError(
+                f"vocabulary sizes differ ({name}: BASE {base_shape[0]} rows, EXTENDED {extended_shape[0]}); pass "
+                "--vocab-policy keep-base to keep the base vocabulary (rows beyond it are dropped and reported)"
+            )
+        raise LongctxError(f"tensor {name} has shape {list(base_shape)} in BASE and {list(extended_shape)} in EXTENDED; the models have different architectures")
+
+
+def _ignored_tensors(layout: ModelLayout) -> set[str]:
+    """lm_head.weight of a tied model is the embedding: some checkpoints store it, some do not."""
+    return {f"{layout.lm_head_module}.weight"} if layout.tied_embeddings and layout.lm_head_module else set()
+
+
+# ---------------------------------------------------------------------------------------
+# The extraction itself.
+
+
+@dataclass
+class _Progress:
+    bytes_read: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def rate(self) -> float:
+        return self.bytes_read / max(time.perf_counter() - self.started, 1e-9) / 1e6
+
+
+def _tensor_pair(base: TensorReader, extended: TensorReader, name: str, progress: _Progress):
+    base_tensor, extended_tensor = base.get(name), extended.get(name)
+    progress.bytes_read += sum(t.numel() * t.element_size() for t in (base_tensor, extended_tensor))
+    return base_tensor, extended_tensor
+
+
+def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The extended tensor fitted to the base vocabulary (keep-base): shared rows from
+    EXTENDED, the rest from BASE. Returns it and the number of EXTENDED rows dropped."""
+    if base_tensor.shape == extended_tensor.shape:
+        return extended_tensor, 0
+    shared = min(base_tensor.shape[0], extended_tensor.shape[0])
+    fitted = base_tensor.clone()
+    fitted[:shared] = extended_tensor[:shared]
+    return fitted, max(0, extended_tensor.shape[0] - shared)
+
+
+class _Extractor:
+    def __init__(self, base: TensorReader, extended: TensorReader, layout: ModelLayout, settings: ExtractionSettings,
+                 writer: adapter_format.StreamingSafetensorsWriter):
+        self.base, self.extended, self.layout, self.settings, self.writer = base, extended, layout, settings, writer
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.out_dtype = DTYPES[settings.dtype]
+        self.modules: dict[str, dict] = {}  # module -> its report entry
+        self.ranks: dict[str, int] = {}  # LoRA modules -> rank
+        self.lora_targets: set[str] = set()  # linear modules (and lm_head) given lora_A/B
+        self.embedding_lora = False
+        self.bias_deltas: dict[str, torch.Tensor] = {}
+        self.full_modules: set[str] = set()
+        self.written_full: set[str] = set()
+        self.progress = _Progress()
+
+    # which modules are decomposed
+    def targeted(self, module: str) -> bool:
+        kind = self.layout.module_kind[module]
+        if kind in ("embedding", "lm_head"):
+            return self.settings.embeddings == "lora"
+        if kind != "linear":
+            return False
+        targets = self.settings.target_modules
+        return targets is None or any(_matches_target(module, t) for t in targets)
+
+    def entry(self, module: str, **fields) -> dict:
+        item = self.modules.setdefault(module, {"module": module, "kind": "unchanged"})
+        item.update(fields)
+        return item
+
+    def run(self, tensor_names: list[str], show_progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(tensor_names, desc="extract-lora", unit="tensor", disable=not show_progress)
+        for name in bar:
+            self.process(name)
+            bar.set_postfix_str(f"{self.progress.rate():.0f} MB/s", refresh=False)
+        self.finish()
+
+    def process(self, name: str) -> None:
+        base_tensor, extended_tensor = _tensor_pair(self.base, self.extended, name, self.progress)
+        if name not in self.layout.param_module:
+            if not (base_tensor.shape == extended_tensor.shape and torch.equal(base_tensor, extended_tensor)):
+                self.entry(name, kind="skipped", reason="changed tensor that is no module parameter PEFT can load")
+            return
+        module, param = self.layout.param_module[name]
+        kind = self.layout.module_kind[module]
+        extended_tensor, dropped_rows = _on_base_rows(base_tensor, extended_tensor)
+        if dropped_rows:
+            self.entry(module, dropped_vocabulary_rows=dropped_rows)
+        if torch.equal(base_tensor, extended_tensor):
+            self.entry(module)
+            return
+        if kind in ("embedding", "lm_head") and self.settings.embeddings == "skip":
+            self.entry(module, kind="skipped", reason="changed embedding (--embeddings skip)")
+        elif self.targeted(module) and param == "weight":
+            self.decompose(module, kind, base_tensor, extended_tensor)
+        elif self.targeted(module) and param == "bias":
+            self.bias_deltas[module] = extended_tensor.float() - base_tensor.float()
+        elif kind == "linear":
+            self.entry(module, kind="skipped", reason="changed linear layer not in --target-modules")
+        else:  # norms, full-rank embeddings: the whole module goes to modules_to_save
+            self.full_modules.add(module)
+            self.entry(module, kind="modules_to_save", shape=list(extended_tensor.shape))
+            self.write_full(module, param, extended_tensor)
+
+    def decompose(self, module: str, kind: str, base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> None:
+        started = time.perf_counter()
+        device = self.settings.device
+        delta = extended_tensor.to(device, torch.float32) - base_tensor.to(device, torch.float32)
+        del base_tensor, extended_tensor
+        is_embedding = kind == "embedding"
+        if is_embedding:
+            delta = delta.T  # PEFT: embedding delta = (B @ A)^T, A is r x num_embeddings
+        total = frobenius_sq(delta)
+        if self.settings.rank is not None:
+            factors = factor_fixed_rank(delta, self.settings.rank, generator=self.generator)
+        else:
+            factors = factor_for_energy(delta, self.settings.energy, max_rank=self.settings.max_rank, generator=self.generator)
+        a, b = factors.A.to(self.out_dtype), factors.B.to(self.out_dtype)
+        stats = residual_stats(delta, a, b, total_energy=total)
+        if is_embedding:
+            self.embedding_lora = True
+            self.writer.add(adapter_format.lora_key(module, "lora_embedding_A"), a)
+            self.writer.add(adapter_format.lora_key(module, "lora_embedding_B"), b)
+        else:
+            self.lora_targets.add(module)
+            self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), a)
+            self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), b)
+        self.ranks[module] = stats.rank
+        self.entry(
+            module,
+            kind="lora_embedding" if is_embedding else "lora",
+            shape=list(delta.T.shape if is_embedding else delta.shape),
+            rank=stats.rank,
+            retained_energy=round(stats.retained_energy, 8),
+            relative_error=stats.relative_error,
+            method=factors.method,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
+    def write_full(self, module: str, param: str, tensor: torch.Tensor) -> None:
+        self.writer.add(adapter_format.full_module_key(module, param), tensor)
+        self.written_full.add(f"{module}.{param}")
+        if self.layout.tied_embeddings and module == self.layout.embedding_module and param == "weight":
+            # PEFT with ensure_weight_tying loads lm_head's copy of the tied embedding too
+            self.writer.add(adapter_format.full_module_key(self.layout.lm_head_module, "weight"), tensor)
+
+    def finish(self) -> None:
+        # modules_to_save replaces the whole module: write its unchanged parameters too
+        for module in sorted(self.full_modules):
+            for param in self.layout.module_params[module]:
+                name = f"{module}.{param}"
+                if name not in self.written_full and name in self.extended:
+                    _, extended_tensor = _tensor_pair(self.base, self.extended, name, self.progress)
+                    self.write_full(module, param, _on_base_rows(self.base.get(name), extended_tensor)[0])
+        if not self.bias_deltas:
+            return
+        # a bias delta needs a LoRA layer to ride on: modules whose weight is unchanged get zero rank-1 factors
+        for module, bias in self.bias_deltas.items():
+            if module not in self.lora_targets:
+                out_features, in_features = self.base.shape(f"{module}.weight")
+                self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
+                self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
+                self.lora_targets.add(module)
+                self.ranks[module] = 1
+                self.entry(module, kind="lora", shape=[out_features, in_features], rank=1, retained_energy=1.0, relative_error=0.0, method="bias only")
+            self.entry(module, bias_changed=True)
+        # with lora_bias every LoRA linear layer has a bias in lora_B: zeros where nothing changed
+        for module in sorted(self.lora_targets):
+            bias = self.bias_deltas.get(module)
+            if bias is None:
+                bias = torch.zeros(self.base.shape(f"{module}.weight")[0])
+            self.writer.add(adapter_format.lora_key(module, "lora_B.bias"), bias.to(self.out_dtype))
+
+
+def extract_lora(
+    base_dir: str | Path,
+    extended_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    target_modules: list[str] | None = None,
+    embeddings: str = "full",
+    vocab_policy: str = "error",
+    dtype: str = "float32",
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict:
+    """Write a PEFT LoRA adapter with base + adapter ~= extended; returns the report dict."""
+    settings = ExtractionSettings(
+        rank=rank, energy=energy, max_rank=max_rank, target_modules=target_modules, embeddings=embeddings,
+        vocab_policy=vocab_policy, dtype=dtype, device=device, allow_pickle=allow_pickle, seed=seed,
+    )
+    settings.validate()
+    output_dir = check_output_free(output_dir, overwrite)
+    base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
+    base_config, extended_config = read_json(base_dir / "config.json"), read_json(extended_dir / "config.json")
+    rope = _rope_settings(extended_config)
+    started = time.perf_counter()
+    layout = model_layout(base_dir)
+    if bool(_tied(base_config)) != bool(_tied(extended_config)):
+        raise LongctxError("BASE and EXTENDED differ in tie_word_embeddings; the models have different architectures")
+    if layout.tied_embeddings and settings.embeddings == "lora":
+        raise LongctxError(
+            "--embeddings lora is not supported for models with tied embeddings (PEFT would apply the tied LoRA twice "
+            "on merge); use --embeddings full (the default) or skip"
+        )
+    with TensorReader(base_dir, allow_pickle=allow_pickle) as base, TensorReader(extended_dir, allow_pickle=allow_pickle) as extended:
+        check_compatible(base_config, extended_config, base, extended, layout, settings)
+        _check_targets(settings, layout)
+        ignored = _ignored_tensors(layout)
+        names = [name for name in extended.names() if name not in ignored]
+        with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+            writer = adapter_format.StreamingSafetensorsWriter(tmp / adapter_format.ADAPTER_WEIGHTS)
+            try:
+                extractor = _Extractor(base, extended, layout, settings, writer)
+                extractor.run(names, show_progress)
+                if not writer.names():
+                    raise LongctxError("BASE and EXTENDED have identical weights: there is no difference to extract")
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            config = adapter_format.lora_adapter_config(
+                base_model=str(base_dir),
+                ranks={module: extractor.ranks[module] for module in extractor.lora_targets | ({layout.embedding_module} if extractor.embedding_lora else set())},
+                target_modules=peft_names(
+                    extractor.lora_targets | ({layout.embedding_module} if extractor.embedding_lora else set()),
+                    layout.all_modules, _matches_target,
+                ),
+                modules_to_save=peft_names(extractor.full_modules, layout.all_modules, lambda m, name: m.endswith(name)),
+                lora_bias=bool(extractor.bias_deltas),
+                ensure_weight_tying=layout.tied_embeddings and bool(extractor.full_modules & {layout.embedding_module}),
+            )
+            write_json(tmp / adapter_format.ADAPTER_CONFIG, config)
+            report = _report(base_dir, extended_dir, settings, extractor, writer.total_bytes, time.perf_counter() - started)
+            write_json(tmp / REPORT_FILE, report)
+            write_metadata(
+                tmp, "lora-adapter", rope_parameters=rope["rope_parameters"], max_position_embeddings=rope["max_position_embeddings"],
+                base_model=str(base_dir), extended_model=str(extended_dir), extended_model_metadata=read_metadata(extended_dir),
+                report_file=REPORT_FILE,
+            )
+    report["output"] = str(output_dir)
+    return report
+
+
+def _tied(config: dict) -> bool:
+    return config.get("text_config", config).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+
+
+def _rope_settings(config: dict) -> dict:
+    from longctx.rope.config import rope_settings
+
+    return rope_settings(config)
+
+
+def _check_targets(settings: ExtractionSettings, layout: ModelLayout) -> None:
+    if not settings.target_modules:
+        return
+    linear = [m for m, kind in layout.module_kind.items() if kind == "linear"]
+    unknown = [t for t in settings.target_modules if not any(_matches_target(m, t) for m in linear)]
+    if unknown:
+        examples = sorted({m.rsplit(".", 1)[-1] for m in linear})
+        raise LongctxError(f"--target-modules {', '.join(unknown)} match no linear layer; choose from {', '.join(examples)}")
+
+
+def _report(base_dir: Path, extended_dir: Path, settings: ExtractionSettings, extractor: _Extractor, adapter_bytes: int, seconds: float) -> dict:
+    modules = list(extractor.modules.values())
+    lora = [m for m in modules if m["kind"] in ("lora", "lora_embedding") and m.get("method") != "bias only"]
+    errors = [m["relative_error"] for m in lora]
+    return {
+        "engine": "longctx",
+        "base_model": str(base_dir),
+        "extended_model": str(extended_dir),
+        "settings": {
+            "rank": settings.rank, "energy": settings.energy, "max_rank": settings.max_rank,
+            "target_modules": settings.target_modules, "embeddings": settings.embeddings,
+            "vocab_policy": settings.vocab_policy, "dtype": settings.dtype, "device": settings.device, "seed": settings.seed,
+        },
+        "summary": summarize(modules, adapter_bytes, seconds, errors),
+        "modules": [m for m in modules if m["kind"] != "unchanged"],
+    }
+
+
+def summarize(modules: list[dict], adapter_bytes: int, seconds: float, errors: list[float]) -> dict:
+    count = {kind: sum(1 for m in modules if m["kind"] == kind) for kind in ("lora", "lora_embedding", "modules_to_save", "skipped", "unchanged")}
+    ranks = [m["rank"] for m in modules if m.get("rank")]
+    return {
+        "modules": count,
+        "rank_min": min(ranks, default=0),
+        "rank_max": max(ranks, default=0),
+        "rank_mean": round(sum(ranks) / len(ranks), 2) if ranks else 0,
+        "relative_error_mean": sum(errors) / len(errors) if errors else 0.0,
+        "relative_error_max": max(errors, default=0.0),
+        "adapter_bytes": adapter_bytes,
+        "seconds": round(seconds, 2),
+    }

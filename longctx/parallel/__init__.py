@@ -1,0 +1,42 @@
+"""Sequence parallelism: zigzag sharding and ring attention, registered with transformers as `longctx_ring`.
+
+Importing this package registers the attention implementation, so a stock model runs
+sequence-parallel with `attn_implementation="longctx_ring"` given zigzag-sharded input_ids and the
+matching global position_ids (see docs/parallel.md).
+"""
+
+from longctx.parallel.loss import sequence_parallel_loss
+from longctx.parallel.ring import (
+    BACKENDS,
+    flash_attn_available,
+    get_sequence_parallel_group,
+    ring_attention,
+    set_sequence_parallel_group,
+)
+from longctx.parallel.transformers_attention import ATTENTION_NAME, register_with_transformers
+from longctx.parallel.zigzag import (
+    pad_for_zigzag,
+    shard_for_sequence_parallel,
+    shift_labels,
+    zigzag_global_indices,
+    zigzag_shard,
+    zigzag_unshard,
+)
+
+register_with_transformers()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "BACKENDS",
+    "flash_attn_available",
+    "get_sequence_parallel_group",
+    "pad_for_zigzag",
+    "ring_attention",
+    "sequence_parallel_loss",
+    "set_sequence_parallel_group",
+    "shard_for_sequence_parallel",
+    "shift_labels",
+    "zigzag_global_indices",
+    "zigzag_shard",
+    "zigzag_unshard",
+]

@@ -1,0 +1,370 @@
+"""Zigzag ring attention over a torch.distributed process group.
+
+Each rank holds its zigzag shard of q, k and v (chunks r and 2P-1-r of the sequence). Key/value
+shards travel around the ring (rank r sends to r+1, receives from r-1) by batched isend/irecv,
+posted before the block's attention is computed so that communication overlaps compute. At ring
+step s rank r holds the key/values of rank src = r - s, and the zigzag layout fixes which part of
+the block is needed under causal attention (each is half of a full block, so every rank does the
+same work):
+  step 0        local q  x local k/v, causal (the local layout is in sequence order);
+  src < rank    all q    x first half of k/v (chunk src is before both of our chunks);
+  src > rank    second half of q x all k/v (our late chunk is after both of theirs).
+Partial results are merged in float32 in the log-sum-exp form. The backward is a second ring:
+k/v travel again, and the float32 dK/dV accumulators travel with them and arrive home after a
+full turn. Saved for backward: q, k, v, out and lse, i.e. O(local sequence), like flash attention.
+
+Packed documents: position_ids that restart at 0 mark document starts. A query at global index i
+with position p starts its document at i - p, so it may attend key j iff i - p <= j (and j <= i
+under causal attention). This needs only the query's own position ids and the key's global index,
+which the zigzag layout gives, so no document ids travel around the ring.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longctx.errors import LongctxError
+from longctx.parallel.blocks import block_backward, block_forward
+from longctx.parallel.zigzag import zigzag_global_indices
+
+BACKENDS = ("auto", "torch", "torch-math", "ring-flash-attn")
+
+_sequence_parallel_group = None
+
+
+def set_sequence_parallel_group(group) -> None:
+    """The process group the `longctx_ring` attention implementation rings over (None: the WORLD group).
+
+    transformers calls attention functions with its own arguments, so the group cannot be passed
+    per call; set it once after `dist.init_process_group` (e.g. a subgroup when sequence
+    parallelism is combined with data parallelism).
+    """
+    global _sequence_parallel_group
+    _sequence_parallel_group = group
+
+
+def get_sequence_parallel_group():
+    """The group set with set_sequence_parallel_group, or None (the WORLD group)."""
+    return _sequence_parallel_group
+
+
+class _Ring:
+    """Neighbour exchange on a process group: send to rank+1, receive from rank-1."""
+
+    def __init__(self, group):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
+
+    def start(self, tensors: list[torch.Tensor], tag: int):
+        """Post the sends of `tensors` and the receives of their neighbour's; returns a handle for wait()."""
+        sendable = [_sendable(t) for t in tensors]
+        received = [torch.empty_like(t) for t, _ in sendable]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t, _ in sendable]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for r in received]
+        requests = dist.batch_isend_irecv(ops)
+        return [r.transpose(1, 2) if swapped else r for r, (_, swapped) in zip(received, sendable)], requests
+
+    @staticmethod
+    def wait(pending) -> list[torch.Tensor]:
+        received, requests = pending
+        for request in requests:
+            request.wait()
+        return received
+
+
+def _sendable(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A contiguous tensor to send for t, without a copy when t is a [b, s, h, d] tensor seen as [b, h, s, d]."""
+    if t.is_contiguous():
+        return t, False
+    if t.transpose(1, 2).is_contiguous():
+        return t.transpose(1, 2), True
+    return t.contiguous(), False
+
+
+_KV_TAG, _GRAD_TAG = 0, 1
+
+
+@dataclass(frozen=True)
+class _RingConfig:
+    ring: _Ring | None  # None: a group of one, plain attention
+    rank: int
+    world_size: int
+    scale: float
+    causal: bool
+    kernel: str  # "cpu-flash" or "math" (see blocks.py)
+
+
+@dataclass(frozen=True)
+class _Block:
+    q: slice
+    k: slice
+    causal: bool
+
+
+def _block_for_step(step: int, rank: int, world_size: int, seq_local: int, causal: bool) -> _Block:
+    everything = slice(0, seq_local)
+    if not causal:
+        return _Block(everything, everything, False)
+    if step == 0:
+        return _Block(everything, everything, True)
+    half = seq_local // 2
+    source = (rank - step) % world_size
+    if source < rank:
+        return _Block(everything, slice(0, half), False)
+    return _Block(slice(half, seq_local), everything, False)
+
+
+def _global_indices(seq_local: int, rank: int, world_size: int, device) -> torch.Tensor:
+    if world_size == 1:
+        return torch.arange(seq_local, device=device)
+    return zigzag_global_indices(seq_local, rank, world_size, device=device)
+
+
+def _block_mask(block: _Block, doc_start, q_index, k_index):
+    """The block's boolean mask [b, 1, sq, sk], None when nothing is masked beyond plain causality, False when all is."""
+    if doc_start is None:
+        return None
+    k_global = k_index[block.k]
+    allowed = k_global[None, None, :] >= doc_start[:, block.q, None]
+    if block.causal:
+        allowed = allowed & (k_global[None, None, :] <= q_index[block.q][None, :, None])
+    elif bool(allowed.all()):
+        return None
+    if not bool(allowed.any()):
+        return False
+    return allowed[:, None]
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """out, lse (float32 views) <- the softmax-weighted union of (out, lse) and the block's result.
+
+    out = out - sigmoid(lse_b - lse) (out - out_b); lse = lse - logsigmoid(lse - lse_b); rows where
+    either side is empty (lse -inf) take the other side.
+    """
+    weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).unsqueeze(-1)
+    correction = torch.sub(out, block_out).mul_(weight)
+    out.sub_(correction)
+    del correction
+    merged = lse - torch.nn.functional.logsigmoid(lse - block_lse)
+    lse.copy_(torch.where(torch.isneginf(lse), block_lse, merged))
+
+
+def _ring_forward(q, k, v, doc_start, config: _RingConfig):
+    batch, heads, seq_local, _ = q.shape
+    out = lse = None
+    q_index = _global_indices(seq_local, config.rank, config.world_size, q.device)
+    k_cur, v_cur = k, v
+    for step in range(config.world_size):
+        pending = config.ring.start([k_cur, v_cur], _KV_TAG) if step + 1 < config.world_size else None
+        source = (config.rank - step) % config.world_size
+        block = _block_for_step(step, config.rank, config.world_size, seq_local, config.causal)
+        k_index = _global_indices(seq_local, source, config.world_size, q.device)
+        allowed = _block_mask(block, doc_start, q_index, k_index)
+        if allowed is not False:
+            block_out, block_lse = block_forward(
+                config.kernel, q[:, :, block.q], k_cur[:, :, block.k], v_cur[:, :, block.k],
+                config.scale, block.causal, allowed,
+            )
+            if step == 0:  # the local block covers every query row (each attends at least to itself)
+                out, lse = block_out.float(), block_lse
+            else:
+                _merge_into(out[:, :, block.q], lse[:, :, block.q], block_out, block_lse)
+            del block_out, block_lse
+        if pending is not None:
+            k_cur, v_cur = _Ring.wait(pending)
+    return out, lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, doc_start, config: _RingConfig):
+    seq_local = q.shape[2]
+    dq = None
+    q_index = _global_indices(seq_local, config.rank, config.world_size, q.device)
+    k_cur, v_cur = k, v
+    grads_pending = None
+    for step in range(config.world_size):
+        last = step + 1 == config.world_size
+        kv_pending = None if last else config.ring.start([k_cur, v_cur], _KV_TAG)
+        source = (config.rank - step) % config.world_size
+        block = _block_for_step(step, config.rank, config.world_size, seq_local, config.causal)
+        k_index = _global_indices(seq_local, source, config.world_size, q.device)
+        allowed = _block_mask(block, doc_start, q_index, k_index)
+        if step == 0:  # the local block covers all of q and k/v (every row attends at least to itself)
+            dq, dk, dv = (g.float() for g in block_backward(
+                config.kernel, dout, q, k, v, out, lse, config.scale, block.causal, allowed,
+            ))
+        else:
+            dk, dv = _Ring.wait(grads_pending)  # the accumulators of the k/v we now hold
+            if allowed is not False:
+                block_dq, block_dk, block_dv = block_backward(
+                    config.kernel, dout[:, :, block.q], q[:, :, block.q], k_cur[:, :, block.k], v_cur[:, :, block.k],
+                    out[:, :, block.q], lse[:, :, block.q], config.scale, block.causal, allowed,
+                )
+                dq[:, :, block.q] += block_dq
+                dk[:, :, block.k] += block_dk
+                dv[:, :, block.k] += block_dv
+                del block_dq, block_dk, block_dv
+        if config.world_size > 1:
+            grads_pending = config.ring.start([dk, dv], _GRAD_TAG)
+        if kv_pending is not None:
+            k_cur, v_cur = _Ring.wait(kv_pending)
+    if grads_pending is not None:
+        dk, dv = _Ring.wait(grads_pending)  # after a full turn: the gradients of our own k/v
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc_start, config: _RingConfig):
+        out, lse = _ring_forward(q, k, v, doc_start, config)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, doc_start)
+        ctx.config = config
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, doc_start = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, doc_start, ctx.config)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def flash_attn_available() -> bool:
+    """Whether flash_attn (which ring-flash-attn needs) imports."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _group_rank_and_size(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise LongctxError("a process group was given but torch.distributed is not initialized; call dist.init_process_group first")
+        return 0, 1
+    group = group if group is not None else dist.group.WORLD
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _check_local_shapes(q, k, v) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise LongctxError("ring attention takes 4-D q, k, v tensors")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise LongctxError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match: "
+            "expected [batch, seq, heads, head_dim] with the same batch and seq, k and v with the same kv heads"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise LongctxError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise LongctxError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+
+
+def _check_same_shapes_across_ranks(q, k, v, group, rank) -> None:
+    """All ranks must hold shards of one sequence: compare (batch, seq, heads, kv_heads, head_dim) with an all_gather."""
+    mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]], device=q.device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    shapes = [tuple(t.tolist()) for t in gathered]
+    if len(set(shapes)) != 1:
+        raise LongctxError(
+            f"ring attention shapes differ across ranks (batch, seq_local, heads, kv_heads, head_dim, v_dim per rank: {shapes}); "
+            "shard one padded sequence with shard_for_sequence_parallel on every rank"
+        )
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, causal: bool, packed: bool) -> str:
+    if backend not in BACKENDS:
+        raise LongctxError(f"unknown ring attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ring_flash_fits = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not packed
+    if backend == "ring-flash-attn":
+        if not flash_attn_available():
+            raise LongctxError(
+                "backend 'ring-flash-attn' needs flash-attn, which is not installed (it needs CUDA and a source build); "
+                "install flash-attn or use backend='torch'"
+            )
+        if not ring_flash_fits:
+            raise LongctxError(
+                "backend 'ring-flash-attn' runs causal attention on CUDA fp16/bf16 tensors without packed documents; "
+                "use backend='torch' for this input"
+            )
+        return backend
+    if backend == "auto":
+        return "ring-flash-attn" if ring_flash_fits and flash_attn_available() else "torch"
+    return backend
+
+
+def document_starts(position_ids: torch.Tensor | None, seq_local: int, rank: int, world_size: int, device):
+    """Global index where each local token's document starts ([b, seq_local] int64), or None if one document.
+
+    Positions are assumed to count up by one within a document and restart at 0 at its start.
+    """
+    if position_ids is None:
+        return None
+    if position_ids.ndim == 1:
+        position_ids = position_ids[None]
+    if position_ids.shape[-1] != seq_local:
+        raise LongctxError(f"position_ids length {position_ids.shape[-1]} differs from the local sequence length {seq_local}")
+    starts = _global_indices(seq_local, rank, world_size, device)[None] - position_ids.to(device=device, dtype=torch.long)
+    if not bool((starts > 0).any()):
+        return None
+    return starts
+
+
+def ring_attention_bhsd(q, k, v, *, group=None, causal=True, softmax_scale=None, backend="auto", position_ids=None):
+    """ring_attention on [batch, heads, seq_local, head_dim] tensors (the layout transformers passes)."""
+    _check_local_shapes(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    rank, world_size = _group_rank_and_size(group)
+    seq_local = q.shape[2]
+    if world_size > 1:
+        group = group if group is not None else dist.group.WORLD
+        _check_same_shapes_across_ranks(q, k, v, group, rank)
+        if causal and seq_local % 2:
+            raise LongctxError(
+                f"local sequence length {seq_local} is odd, but a zigzag shard is two equal chunks; "
+                "pad the full sequence to a multiple of 2 x world_size with pad_for_zigzag before sharding"
+            )
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    doc_start = document_starts(position_ids, seq_local, rank, world_size, q.device)
+    if doc_start is not None and doc_start.shape[0] not in (1, q.shape[0]):
+        raise LongctxError(f"position_ids batch {doc_start.shape[0]} differs from the q batch {q.shape[0]}")
+    chosen = _resolve_backend(backend, q, causal, packed=doc_start is not None)
+    if chosen == "ring-flash-attn":
+        from ring_flash_attn import zigzag_ring_flash_attn_func
+
+        out = zigzag_ring_flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True, group=group
+        )
+        return out.transpose(1, 2)
+    kernel = "cpu-flash" if chosen == "torch" and q.device.type == "cpu" else "math"
+    ring = _Ring(group) if world_size > 1 else None
+    config = _RingConfig(ring, rank, world_size, scale, causal, kernel)
+    return _RingAttention.apply(q, k, v, doc_start, config)
+
+
+def ring_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, backend="auto", position_ids=None):
+    """Attention of this rank's zigzag shard of q against the whole sequence's k/v, held across the group.
+
+    q [batch, seq_local, heads, head_dim], k and v [batch, seq_local, kv_heads, head_dim], each rank's
+    zigzag shard (see zigzag_shard); returns this rank's output [batch, seq_local, heads, head_dim].
+    Differentiable in q, k, v. `group`: the ring (None: WORLD; without torch.distributed initialized,
+    plain attention). `position_ids` (this rank's shard of the global positions, [batch or 1,
+    seq_local]) turn on packed-document masking where they restart at 0. Backends: "torch" (CPU
+    flash kernel on CPU, float32 math elsewhere), "torch-math" (always the math kernel),
+    "ring-flash-attn" (CUDA, needs flash-attn; causal, no packed documents), "auto" (ring-flash-attn
+    when it applies and imports, else torch).
+    """
+    out = ring_attention_bhsd(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        group=group, causal=causal, softmax_scale=softmax_scale, backend=backend, position_ids=position_ids,
+    )
+    return out.transpose(1, 2)

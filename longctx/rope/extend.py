@@ -1,0 +1,149 @@
+"""Write an extended model directory: new rope settings in the config, the weights linked.
+
+The only module in longctx/rope/ that touches disk. Extending changes config files only:
+config.json gets the new rope_parameters and max_position_embeddings,
+tokenizer_config.json the new model_max_length, longctx.json records what was done, and
+the weight shards are hard-linked (copied when the output is on another filesystem), so
+extending an 8B model takes seconds and a few MB of memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from longctx.errors import LongctxError
+from longctx.models import TensorReader, atomic_output_dir, check_output_free, copy_auxiliary_files, link_or_copy, read_json, write_json
+from longctx.models.metadata import write_metadata
+from longctx.models.tensors import PICKLE_INDEX, SAFE_INDEX
+from longctx.rope.config import apply_rope_settings, context_length, native_length, rope_settings
+from longctx.rope.planner import rope_for_length
+
+CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# rope_parameters keys that describe the model rather than the method
+NOT_METHOD_PARAMETERS = ("rope_type", "original_max_position_embeddings", "partial_rotary_factor")
+
+
+@dataclasses.dataclass
+class ExtendResult:
+    output: Path
+    source: dict  # rope settings before
+    settings: dict  # rope settings written
+    native_len: int
+    target_len: int
+    weight_files: list[str]
+    linked: int
+    copied: int
+    weight_bytes: int
+    carried: list[str]  # tokenizer and generation files
+    metadata: dict
+
+
+def check_weights(model_dir: Path, *, allow_pickle: bool = False) -> list[str]:
+    """The weight files of model_dir (shards, then the index), after checking they are all there and readable.
+
+    Safetensors headers are parsed (not the tensors), so a truncated or corrupt shard, or
+    an index naming tensors a shard does not hold, fails here, before anything is written.
+    """
+    from safetensors import safe_open
+
+    try:
+        reader = TensorReader(model_dir, allow_pickle=allow_pickle)
+    except LongctxError:
+        raise
+    except Exception as error:  # e.g. safetensors' own error for a corrupt single-file model
+        raise LongctxError(f"cannot read the weights in {model_dir}: {error}; the files are corrupt or truncated") from error
+    shards = reader.shards()
+    if not reader.is_pickle:
+        for shard in shards:
+            try:
+                with safe_open(model_dir / shard, framework="pt") as handle:
+                    present = set(handle.keys())
+            except Exception as error:  # safetensors raises its own error types
+                raise LongctxError(f"cannot read {model_dir / shard}: {error}; the file is corrupt or truncated") from error
+            missing = [name for name in reader.names_in_shard(shard) if name not in present]
+            if missing:
+                raise LongctxError(
+                    f"{model_dir / shard} lacks {len(missing)} tensor(s) its index names (e.g. {missing[0]}); "
+                    "the model is incomplete, re-download or re-save it"
+                )
+    index = PICKLE_INDEX if reader.is_pickle else SAFE_INDEX
+    return shards + ([index] if (model_dir / index).is_file() else [])
+
+
+def extend_model(
+    model_dir: str | Path,
+    output: str | Path,
+    target_len: int,
+    method: str,
+    *,
+    source_model: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    **overrides,
+) -> ExtendResult:
+    """Write `output`: the model in model_dir with rope settings for target_len (see rope_for_length)."""
+    model_dir = Path(model_dir)
+    output = Path(output)
+    check_output_free(output, overwrite)
+    if output.exists() and output.resolve() == model_dir.resolve():
+        raise LongctxError(f"output {output} is the source model; choose another directory")
+
+    config = read_json(model_dir / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise LongctxError(f"{model_dir / CONFIG_FILE} is not a JSON object; the file is corrupt")
+    source = rope_settings(config)
+    current = context_length(source)
+    if target_len <= current and not force:
+        raise LongctxError(
+            f"target length {target_len} is not beyond the model's context length {current}; "
+            "choose a longer --target-len, or pass --force to write it anyway"
+        )
+    settings = rope_for_length(config, target_len, method, **overrides)
+    weight_files = check_weights(model_dir, allow_pickle=allow_pickle)
+    native = native_length(source)
+
+    tokenizer_config = None
+    if (model_dir / TOKENIZER_CONFIG_FILE).is_file():
+        tokenizer_config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        tokenizer_config["model_max_length"] = target_len
+
+    params = settings["rope_parameters"]
+    method_parameters = {key: value for key, value in params.items() if key not in NOT_METHOD_PARAMETERS}
+    modes = []
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        write_json(tmp / CONFIG_FILE, apply_rope_settings(config, params, settings["max_position_embeddings"]))
+        for name in weight_files:
+            modes.append(link_or_copy(model_dir / name, tmp / name))
+        carried = copy_auxiliary_files(model_dir, tmp)
+        if tokenizer_config is not None:
+            write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config)
+        metadata = write_metadata(
+            tmp,
+            "extended-model",
+            rope_parameters=params,
+            max_position_embeddings=settings["max_position_embeddings"],
+            method=method,
+            source_model=source_model or str(model_dir),
+            source_rope_parameters=source["rope_parameters"],
+            source_max_position_embeddings=source["max_position_embeddings"],
+            original_max_position_embeddings=native,
+            target_len=target_len,
+            **method_parameters,
+        )
+    return ExtendResult(
+        output=output,
+        source=source,
+        settings=settings,
+        native_len=native,
+        target_len=target_len,
+        weight_files=weight_files,
+        linked=modes.count("link"),
+        copied=modes.count("copy"),
+        weight_bytes=sum((output / name).stat().st_size for name in weight_files),
+        carried=carried,
+        metadata=metadata,
+    )
+

@@ -1,0 +1,1 @@
+"""Progressive long-sequence fine-tuning: config, packed data, chunked loss, the loop, checkpoints."""

@@ -1,0 +1,188 @@
+"""Training data: documents from files or a synthetic passkey source, packed into seq_len rows.
+
+A document is a list of token ids plus, optionally, a mask of which tokens are targets
+(the passkey source can train on the answer only). Packing fills each row of seq_len
+tokens with consecutive documents and keeps their boundaries:
+
+- position_ids restart at 0 at each document (and at each row: a document cut at the end
+  of a row continues in the next one as a new segment);
+- labels are shifted here, before any sequence-parallel sharding: labels[i] is the token
+  that follows position i in the same document, or -100 at a document's last token, so no
+  loss crosses a boundary.
+
+transformers reads restarting position_ids without an attention mask as packed sequences
+and keeps attention inside each document (sdpa and eager attention).
+
+The data position is the number of rows read so far: a resumed run re-creates the
+(deterministic) stream and skips that many rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from longctx.errors import LongctxError
+from longctx.train.config import FILE_FORMATS, DataConfig, resolve_data_files
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Document:
+    ids: list[int]
+    targets: list[bool] | None = None  # targets[i]: whether token i is predicted (None: all are)
+
+
+@dataclass
+class PackedRow:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def pack_documents(documents: Iterable[Document], seq_len: int) -> Iterator[PackedRow]:
+    """Pack documents into rows of exactly seq_len tokens (see the module docstring)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for document in documents:
+        start = 0
+        while start < len(document.ids):
+            room = seq_len - len(ids)
+            piece = document.ids[start : start + room]
+            targets = document.targets[start : start + room] if document.targets is not None else None
+            ids.extend(piece)
+            positions.extend(range(len(piece)))
+            for i in range(len(piece)):
+                is_target = i + 1 < len(piece) and (targets is None or targets[i + 1])
+                labels.append(piece[i + 1] if is_target else IGNORE_INDEX)
+            start += len(piece)
+            if len(ids) == seq_len:
+                yield PackedRow(ids, labels, positions)
+                ids, labels, positions = [], [], []
+
+
+def collate(rows: list[PackedRow]) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.tensor([row.input_ids for row in rows], dtype=torch.long),
+        "labels": torch.tensor([row.labels for row in rows], dtype=torch.long),
+        "position_ids": torch.tensor([row.position_ids for row in rows], dtype=torch.long),
+    }
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def passkey_documents(tokenizer, seq_len: int, *, seed: int, loss: str = "all", haystack: str = "noise") -> Iterator[Document]:
+    """Endless passkey documents of exactly seq_len tokens, built with the needle test's own prompts.
+
+    Each is a `longctx needle --task passkey` prompt (instruction, haystack with the passkey
+    planted at a random depth, question, answer prefix) followed by the answer, so a model
+    trained on it is measured by the same prompts. loss="answer" makes only the answer a target.
+    """
+    from longctx.eval.haystacks import build_haystack, encode
+    from longctx.eval.prompts import PromptBuilder
+    from longctx.eval.tasks import Task
+
+    task = Task("passkey")
+    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, haystack, seq_len), task.instruction, "raw")
+    rng = random.Random(seed)
+    while True:
+        sample = task.sample(rng)
+        answer = encode(tokenizer, sample.answer)
+        prompt = builder.build(sample, seq_len - len(answer), rng.uniform(0.0, 100.0))
+        ids = prompt.ids + answer
+        targets = None if loss == "all" else [False] * len(prompt.ids) + [True] * len(answer)
+        yield Document(ids, targets)
+
+
+def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Document]:
+    """Tokenized documents from local files (jsonl, parquet, text) or a hub dataset, through `datasets`.
+
+    With data.streaming the files are read lazily (corpora larger than memory); otherwise
+    they are loaded (memory-mapped Arrow) and shuffled with the seed. Each document ends
+    with EOS when data.add_eos.
+    """
+    import datasets
+
+    if data.source == "files":
+        files = resolve_data_files(data.paths)
+        builder = FILE_FORMATS[files[0][files[0].rfind(".") :].lower()]
+        load_args = (builder,)
+        load_kwargs = {"data_files": files, "split": "train"}
+    else:
+        load_args = (data.name,)
+        load_kwargs = {"split": data.split}
+    try:
+        dataset = datasets.load_dataset(*load_args, streaming=data.streaming, **load_kwargs)
+    except Exception as error:
+        raise LongctxError(f"cannot load training data {load_args[0]!r}: {str(error).splitlines()[0]}") from error
+    columns = dataset.column_names or []
+    if columns and data.text_field not in columns:
+        raise LongctxError(f"training data has no column {data.text_field!r}; set data.text_field to one of {', '.join(columns)}")
+    if data.streaming:
+        if data.shuffle_buffer:
+            dataset = dataset.shuffle(seed=seed, buffer_size=data.shuffle_buffer)
+    else:
+        dataset = dataset.shuffle(seed=seed)
+    eos = [tokenizer.eos_token_id] if data.add_eos and tokenizer.eos_token_id is not None else []
+    for epoch in itertools.count():
+        if epoch and data.streaming and data.shuffle_buffer:
+            dataset.set_epoch(epoch)
+        count = 0
+        for record in dataset:
+            text = record[data.text_field]
+            if not text:
+                continue
+            ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]) + eos
+            count += 1
+            yield Document(ids)
+        if not count:
+            raise LongctxError(f"training data has no non-empty {data.text_field!r} text; check data.paths")
+
+
+def packed_rows(data: DataConfig, tokenizer, seq_len: int, *, seed: int) -> Iterator[PackedRow]:
+    """The endless stream of packed rows of one stage (deterministic for a seed)."""
+    if data.source == "synthetic-passkey":
+        documents = passkey_documents(
+            tokenizer, seq_len, seed=seed, loss=data.passkey.loss, haystack=data.passkey.haystack
+        )
+    else:
+        documents = text_documents(data, tokenizer, seed=seed)
+    return pack_documents(documents, seq_len)
+
+
+class BatchStream:
+    """Batches of packed rows for one data-parallel rank, resumable by position.
+
+    Rows are dealt round-robin to data-parallel ranks (row i goes to rank i % dp_size);
+    the ranks of one sequence-parallel group read the same rows. `position` counts rows of
+    the global stream consumed, so skipping `position` rows resumes exactly.
+    """
+
+    def __init__(self, rows: Iterator[PackedRow], batch_size: int, *, dp_rank: int = 0, dp_size: int = 1, position: int = 0):
+        self.rows = rows
+        self.batch_size = batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.position = 0
+        self._skip(position)
+
+    def _skip(self, count: int) -> None:
+        for _ in range(count):
+            next(self.rows)
+        self.position = count
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows = []
+        for _ in range(self.batch_size * self.dp_size):
+            row = next(self.rows)
+            if self.position % self.dp_size == self.dp_rank:
+                rows.append(row)
+            self.position += 1
+        return collate(rows)

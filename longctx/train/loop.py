@@ -1,0 +1,468 @@
+"""The training loop: stages of growing length, each with its rope settings, resumable at any step.
+
+    for each stage:
+        set the model's rope parameters for the stage and rebuild its rotary buffers
+        for each optimizer step:
+            read batch_size x gradient_accumulation packed rows (sequence-parallel ranks read the same rows)
+            per micro-batch: zigzag-shard (sequence parallel), forward to hidden states, chunked
+                cross-entropy summed over valid tokens, backward of sum / (valid tokens of the step)
+            clip, step, schedule; log; every checkpoint_every steps save a resumable state
+        save the stage's model directory (config with the stage's rope), continue from it
+    write the final model directory with the whole schedule in longctx.json
+
+Distribution (launched with torchrun): the ranks form a (dp, sp) mesh. Parameters and
+optimizer state are sharded with FSDP2 (`fully_shard`) over all ranks; within a
+sequence-parallel group every rank computes its shard's loss sum over the group's token
+count, scaled by sp, so FSDP's gradient average over ranks is the sum over the sequence
+and the mean over data-parallel replicas. One process needs no torch.distributed at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longctx.errors import LongctxError
+from longctx.train import checkpoint as ckpt
+from longctx.train.config import StageConfig, TrainConfig
+from longctx.train.data import IGNORE_INDEX, BatchStream, packed_rows
+from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --- the distributed environment -------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    sp_rank: int = 0
+    sp_size: int = 1
+    device: torch.device = torch.device("cpu")
+    sp_group: object = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(sequence_parallel: int) -> Runtime:
+    """Read torchrun's environment; one process returns a Runtime without touching torch.distributed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size == 1:
+        if sequence_parallel > 1:
+            raise LongctxError(
+                f"parallel.sequence_parallel is {sequence_parallel} but this is one process; launch with "
+                f"torchrun --nproc-per-node {sequence_parallel} -m longctx train ..."
+            )
+        return Runtime(device=device)
+    if world_size % sequence_parallel:
+        raise LongctxError(f"{world_size} processes cannot form groups of sequence_parallel={sequence_parallel}; "
+                           "launch a multiple of it")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh(device.type, (world_size // sequence_parallel, sequence_parallel), mesh_dim_names=("dp", "sp"))
+    sp_group = mesh["sp"].get_group()
+    if sequence_parallel > 1:
+        import longctx.parallel
+
+        longctx.parallel.set_sequence_parallel_group(sp_group)
+    return Runtime(
+        rank=rank,
+        world_size=world_size,
+        dp_rank=mesh["dp"].get_local_rank(),
+        dp_size=world_size // sequence_parallel,
+        sp_rank=mesh["sp"].get_local_rank(),
+        sp_size=sequence_parallel,
+        device=device,
+        sp_group=sp_group,
+    )
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def load_model(model_dir: Path, config: TrainConfig, runtime: Runtime):
+    """The causal LM (LoRA-wrapped in lora mode) in training mode, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    attention = "sdpa"
+    if runtime.sp_size > 1:
+        import longctx.parallel
+
+        attention = longctx.parallel.ATTENTION_NAME
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.precision], attn_implementation=attention)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise LongctxError(f"cannot load {model_dir} for training: {str(error).splitlines()[0]}") from error
+    if config.mode == "lora":
+        model = apply_longlora(model, config)
+    if config.activation_checkpointing:
+        unwrap_causal_lm(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, tokenizer
+
+
+def apply_longlora(model, config: TrainConfig):
+    """LongLoRA: LoRA on the attention projections, plus trainable embeddings and norms."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = config.lora
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in settings.target_modules if target not in names]
+    if missing:
+        raise LongctxError(f"lora.target_modules {missing} are not modules of this model; use e.g. q_proj, k_proj, v_proj, o_proj")
+    peft_config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(settings.target_modules)
+    )
+    model = get_peft_model(model, peft_config)
+    for name, parameter in model.named_parameters():
+        if any(keyword in name for keyword in settings.trainable) and "lora_" not in name:
+            parameter.requires_grad_(True)
+    return model
+
+
+def set_rope(model, settings: dict) -> None:
+    """Write rope settings into the model's config and rebuild the rotary embedding from it
+    (transformers computes inv_freq once, in __init__)."""
+    causal_lm = unwrap_causal_lm(model)
+    config = causal_lm.config
+    config.rope_parameters = dict(settings["rope_parameters"])
+    config.max_position_embeddings = int(settings["max_position_embeddings"])
+    old = causal_lm.model.rotary_emb
+    device = old.inv_freq.device
+    causal_lm.model.rotary_emb = type(old)(config=config).to(device)
+
+
+def stage_rope(base_config: dict, stage: StageConfig) -> dict:
+    """The rope settings of a stage: planned from the starting model's config, or given explicitly."""
+    from longctx.rope import rope_for_length, rope_settings
+
+    spec = stage.rope
+    if spec.method is None and spec.theta is None:
+        current = rope_settings(base_config)
+        return {"rope_parameters": current["rope_parameters"],
+                "max_position_embeddings": max(current["max_position_embeddings"], stage.seq_len)}
+    if spec.method is None:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": spec.theta}, "max_position_embeddings": stage.seq_len}
+    overrides = dict(spec.overrides)
+    if spec.theta is not None:
+        overrides["rope_theta"] = spec.theta
+    if spec.factor is not None:
+        overrides["factor"] = spec.factor
+    try:
+        return rope_for_length(base_config, stage.seq_len, spec.method, **overrides)
+    except TypeError as error:
+        raise LongctxError(f"stage at {stage.seq_len}: rope option not understood ({error}); see `longctx plan --help`") from None
+
+
+def shard_module(module: torch.nn.Module, runtime: Runtime) -> None:
+    """FSDP2 over all ranks: each decoder layer is a unit, the root holds embeddings, norm and head."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    for layer in unwrap_causal_lm(module.model).model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+# --- optimizer and schedule --------------------------------------------------------------------
+
+
+def make_optimizer(module, config: TrainConfig, stage: StageConfig, total_steps: int):
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    settings = config.optimizer
+    optimizer = torch.optim.AdamW(
+        parameters, lr=stage.learning_rate, betas=tuple(settings.betas), eps=settings.eps,
+        weight_decay=settings.weight_decay, foreach=False,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(stage, step, total_steps))
+    return optimizer, scheduler
+
+
+def lr_factor(stage: StageConfig, step: int, total_steps: int) -> float:
+    """Linear warmup, then constant (EasyContext, Gradient) or cosine down to min_lr_ratio."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    if stage.lr_schedule == "constant":
+        return 1.0
+    progress = (step - stage.warmup_steps) / max(1, total_steps - stage.warmup_steps)
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- one optimizer step ----------------------------------------------------------------------------
+
+
+def shard_batch(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
+    """This rank's zigzag shard of input_ids, position_ids and labels (labels were shifted in data.py)."""
+    batch = {key: value.to(runtime.device) for key, value in batch.items()}
+    if runtime.sp_size == 1:
+        return batch
+    from longctx.parallel import zigzag_shard
+
+    return {key: zigzag_shard(value, runtime.sp_rank, runtime.sp_size) for key, value in batch.items()}
+
+
+def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime: Runtime, grad_clip: float) -> float:
+    """Forward/backward over the micro-batches and one optimizer step; returns the step's mean loss."""
+    count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
+    scale = runtime.sp_size / max(count, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in micro_batches:
+        local = shard_batch(batch, runtime)
+        local_sum, _ = module(input_ids=local["input_ids"], position_ids=local["position_ids"], labels=local["labels"])
+        (local_sum * scale).backward()
+        loss_sum += local_sum.detach().double().cpu()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = torch.tensor([float(loss_sum), count / runtime.sp_size], dtype=torch.float64)
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    return float(totals[0] / max(totals[1], 1))
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPaths:
+    output: Path
+    checkpoints: Path
+
+
+def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, stop_after_steps: int | None = None) -> Path | None:
+    """Train every stage and write the final model to paths.output. Returns it (None when stopped early).
+
+    stop_after_steps ends the run after that many optimizer steps in this invocation, as a
+    kill would (used to test that resuming reproduces an uninterrupted run).
+    """
+    from tqdm.auto import tqdm
+
+    from longctx.models import read_json, resolve_model
+
+    runtime = setup_runtime(config.parallel.sequence_parallel)
+    model_dir = resolve_model(config.model)
+    base_config = read_json(model_dir / "config.json")
+    ropes = [stage_rope(base_config, stage) for stage in config.stages]  # plan every stage before any work
+    start = _prepare_checkpoint_dir(paths, resume=resume, overwrite=overwrite, runtime=runtime)
+
+    model, tokenizer = load_model(model_dir, config, runtime)
+    module = CausalLMLoss(model, config.loss_chunk_size).to(runtime.device)
+    if runtime.distributed:
+        shard_module(module, runtime)
+    torch.manual_seed(config.seed)
+
+    schedule = start.get("schedule", []) if start else []
+    global_step = start["global_step"] if start else 0
+    steps_this_run = 0
+    for index, stage in enumerate(config.stages):
+        if start and index < start["stage"] or start and index == start["stage"] and start["stage_done"]:
+            continue
+        resuming_here = bool(start) and index == start["stage"]
+        rope = ropes[index]
+        set_rope(model, rope)
+        optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(runtime.dp_size))
+        step, data_position, tokens_seen = 0, 0, 0
+        if resuming_here:
+            ckpt.load_training_state(start["dir"], module=module, optimizer=optimizer, scheduler=scheduler,
+                                     distributed=runtime.distributed, rank=runtime.rank)
+            step, data_position, tokens_seen = start["step"], start["data_position"], start["tokens"]
+            log.info("resuming stage %d at step %d from %s", index + 1, step, start["dir"])
+        elif start and index == start["stage"] + 1 and start["stage_done"]:
+            ckpt.load_model_weights(start["dir"], module, runtime.distributed)
+        start = None
+        stream = BatchStream(
+            packed_rows(config.data, tokenizer, stage.seq_len, seed=config.seed + index),
+            stage.batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, position=data_position,
+        )
+        total = stage.total_steps(runtime.dp_size)
+        tokens_per_step = stage.tokens_per_step(runtime.dp_size)
+        bar = tqdm(total=total, initial=step, desc=f"stage {index + 1}/{len(config.stages)} @{stage.seq_len}",
+                   disable=not (progress and runtime.is_main), dynamic_ncols=True)
+        stage_start, stage_start_step, losses = time.perf_counter(), step, []
+        while step < total:
+            if stop_after_steps is not None and steps_this_run >= stop_after_steps:
+                bar.close()
+                return None
+            started = time.perf_counter()
+            micro_batches = [stream.next_batch() for _ in range(stage.gradient_accumulation)]
+            lr = scheduler.get_last_lr()[0]
+            loss = train_step(module, optimizer, scheduler, micro_batches, runtime, config.optimizer.grad_clip)
+            elapsed = time.perf_counter() - started
+            step += 1
+            global_step += 1
+            steps_this_run += 1
+            tokens_seen += tokens_per_step
+            losses.append(loss)
+            tokens_per_s = tokens_per_step / elapsed
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if runtime.is_main and (step % config.logging.log_every == 0 or step == total):
+                ckpt.append_metrics(paths.checkpoints, {
+                    "stage": index + 1, "seq_len": stage.seq_len, "step": step, "global_step": global_step,
+                    "loss": loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
+                })
+            if step % config.logging.checkpoint_every == 0 and step < total:
+                _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step,
+                            global_step, stream.position, tokens_seen, stage_done=False)
+        bar.close()
+        duration = time.perf_counter() - stage_start
+        summary = {
+            "stage": index + 1, "seq_len": stage.seq_len, "steps": total, "tokens": tokens_seen,
+            "learning_rate": stage.learning_rate, "batch_size": stage.batch_size,
+            "gradient_accumulation": stage.gradient_accumulation, "rope": rope,
+            "final_loss": losses[-1] if losses else None,
+            "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        }
+        schedule.append(summary)
+        stage_dir = paths.checkpoints / f"stage-{index + 1}-{stage.seq_len}"
+        _export_model(module, model, runtime, config, model_dir, stage_dir, schedule, paths)
+        _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step,
+                    global_step, stream.position, tokens_seen, stage_done=True)
+        if runtime.is_main:
+            ckpt.append_metrics(paths.checkpoints, {"event": "stage_end", "global_step": global_step, **summary,
+                                                    "seconds": round(duration, 1)})
+            steps_done = step - stage_start_step
+            log.info(
+                "stage %d/%d done: seq_len %d, %d steps, %s tokens, loss %.4f, %.0f tokens/s, %.0f s; model in %s",
+                index + 1, len(config.stages), stage.seq_len, total, f"{tokens_seen:,}", summary["final_loss"] or float("nan"),
+                steps_done * tokens_per_step / max(duration, 1e-9), duration, stage_dir,
+            )
+    final_stage = paths.checkpoints / f"stage-{len(config.stages)}-{config.stages[-1].seq_len}"
+    if runtime.is_main:
+        _write_final(final_stage, paths, config, schedule, model_dir, overwrite)
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return paths.output
+
+
+def _prepare_checkpoint_dir(paths: RunPaths, *, resume: bool, overwrite: bool, runtime: Runtime) -> dict | None:
+    """The state to resume from (or None), after checking the output and checkpoint directories."""
+    from longctx.models import check_output_free
+
+    check_output_free(paths.output, overwrite)
+    state_dir = ckpt.latest_state_dir(paths.checkpoints) if paths.checkpoints.is_dir() else None
+    if not resume:
+        if paths.checkpoints.exists() and any(paths.checkpoints.iterdir()):
+            if not overwrite:
+                raise LongctxError(
+                    f"checkpoint directory {paths.checkpoints} already holds a run; pass --resume to continue it "
+                    "or --overwrite to start over"
+                )
+            if runtime.is_main:
+                import shutil
+
+                shutil.rmtree(paths.checkpoints)
+        state_dir = None
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if runtime.is_main:
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    if state_dir is None:
+        if runtime.is_main and resume:
+            log.info("no checkpoint in %s; starting from the beginning", paths.checkpoints)
+        if runtime.is_main:
+            (paths.checkpoints / ckpt.METRICS).unlink(missing_ok=True)
+        return None
+    state = ckpt.read_trainer_state(state_dir)
+    if runtime.is_main:
+        ckpt.truncate_metrics(paths.checkpoints, state["global_step"])
+    return {**state, "dir": state_dir}
+
+
+def _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step, global_step,
+                data_position, tokens, *, stage_done):
+    trainer_state = {
+        "stage": index, "step": step, "global_step": global_step, "data_position": data_position,
+        "tokens": tokens, "stage_done": stage_done, "schedule": schedule, "seed": config.seed,
+        "world_size": runtime.world_size,
+    }
+    ckpt.save_training_state(
+        paths.checkpoints, module=module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
+        distributed=runtime.distributed, rank=runtime.rank, world_size=runtime.world_size,
+        keep=config.logging.keep_checkpoints,
+    )
+
+
+def _metadata(config: TrainConfig, schedule: list[dict], model_dir: Path, rope: dict) -> dict:
+    return {
+        "kind": "trained-model",
+        "rope_parameters": rope["rope_parameters"],
+        "max_position_embeddings": rope["max_position_embeddings"],
+        "source_model": str(model_dir),
+        "mode": config.mode,
+        "precision": config.precision,
+        "sequence_parallel": config.parallel.sequence_parallel,
+        "seed": config.seed,
+        "stages": schedule,
+    }
+
+
+def _export_model(module, model, runtime, config, model_dir, dest, schedule, paths) -> None:
+    """Write the stage's model directory (collective under FSDP; rank 0 writes)."""
+    state = ckpt.full_model_state(module, runtime.distributed)
+    if runtime.is_main:
+        scaling = config.lora.alpha / config.lora.r if config.mode == "lora" else None
+        weights = ckpt.hf_state_dict(state, lora_scaling=scaling)
+        causal_lm = unwrap_causal_lm(model)
+        rope = {"rope_parameters": causal_lm.config.rope_parameters,
+                "max_position_embeddings": causal_lm.config.max_position_embeddings}
+        ckpt.write_model_dir(dest, weights=weights, config=causal_lm.config, source_dir=model_dir,
+                             metadata=_metadata(config, schedule, model_dir, rope))
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _write_final(stage_dir: Path, paths: RunPaths, config: TrainConfig, schedule: list[dict], model_dir: Path,
+                 overwrite: bool) -> None:
+    """The output: the last stage's model directory (hard-linked), its metadata recording the whole schedule."""
+    from longctx.models import atomic_output_dir, link_or_copy
+    from longctx.models.metadata import read_metadata, write_metadata
+
+    metadata = read_metadata(stage_dir)
+    with atomic_output_dir(paths.output, overwrite=overwrite) as tmp:
+        for path in sorted(stage_dir.iterdir()):
+            if path.is_file() and path.name != "longctx.json":
+                link_or_copy(path, tmp / path.name)
+        fields = {key: value for key, value in metadata.items() if key not in ("longctx_version", "kind")}
+        fields["stages"] = schedule
+        write_metadata(tmp, "trained-model", **fields)
+        link_or_copy(paths.checkpoints / ckpt.METRICS, tmp / "train_log.jsonl")
+    log.info("trained model written to %s", paths.output)

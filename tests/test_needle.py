@@ -1,0 +1,214 @@
+"""The needle harness: exact token budgets, needle placement, prefix reuse, scoring, passkey_accuracy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tokenizer
+
+from longctx.errors import LongctxError
+from longctx.eval import Evaluator, passkey_accuracy
+from longctx.eval.engine import PrefixCache, estimate_memory_bytes, check_memory, prefill, new_cache
+from longctx.eval.haystacks import build_haystack, encode, load_haystack_text
+from longctx.eval.prompts import PromptBuilder, assemble_prompt, needle_depths
+from longctx.eval.tasks import TASKS, Task, first_integer_match, keyword_recall, score_answer, string_match_all
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("needle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def default_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def check_budget_and_placement(tokenizer, task_name, haystack, style, lengths, depths):
+    task = Task(task_name)
+    built = build_haystack(tokenizer, haystack, max(lengths))
+    builder = PromptBuilder(tokenizer, built, task.instruction, style)
+    period_ends = built.boundaries
+    for length in lengths:
+        for depth in depths:
+            sample = task.sample(random.Random(f"{length}:{depth}"))
+            prompt = builder.build(sample, length, depth)
+            assert len(prompt.ids) == length
+            needles = [encode(tokenizer, " " + n) for n in sample.needles]
+            for start, needle, needle_depth in zip(prompt.needle_starts, needles, needle_depths(depth, len(needles))):
+                assert prompt.ids[start : start + len(needle)] == needle
+            # the first needle follows a sentence end, at the last boundary at or before its token depth
+            first = prompt.needle_starts[0] - len(builder.head)
+            target = round(prompt.haystack_tokens * depth / 100)
+            assert first in period_ends and first <= target
+            assert not [b for b in period_ends if first < b <= target]
+            if first > 0:
+                assert tokenizer.decode(prompt.ids[prompt.needle_starts[0] - 1 : prompt.needle_starts[0]]).rstrip(
+                    " "
+                ).endswith((".", "\n", "!", "?"))
+            assert prompt.ids[: prompt.shared_prefix] == builder.clean_tokens[: prompt.shared_prefix]
+
+
+@pytest.mark.parametrize("task_name", ["passkey", "multikey", "multivalue"])
+def test_budget_exact_tiny_tokenizer(task_name):
+    check_budget_and_placement(make_tokenizer(), task_name, "essays", "raw", [700, 1017, 2000], [0, 10, 33.3, 50, 100])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name,haystack", [("passkey", "noise"), ("needle", "essays"), ("multiquery", "essays")])
+def test_budget_exact_default_tokenizer(default_tokenizer, task_name, haystack):
+    check_budget_and_placement(default_tokenizer, task_name, haystack, "chat", [1000, 1024, 4097], [0, 25, 50, 75, 100])
+
+
+def test_chat_prompt_puts_answer_prefix_after_assistant_header():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    task = Task("passkey")
+    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, "noise", 400), task.instruction, "chat")
+    sample = task.sample(random.Random(0))
+    text = tokenizer.decode(builder.build(sample, 400, 50).ids)
+    assert text.startswith("<|im_start|>user\n" + task.instruction + "\nThe grass is green.")
+    assert text.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+
+
+def test_bad_inputs_are_refused(tmp_path):
+    tokenizer = make_tokenizer()
+    (tmp_path / "empty.txt").write_text("  \n")
+    built = build_haystack(tokenizer, "noise", 300)
+    with pytest.raises(LongctxError, match="outside 0-100"):
+        assemble_prompt([1], [2], built, [[3]], 300, 101)
+    with pytest.raises(LongctxError, match="too short"):
+        assemble_prompt([1] * 50, [2] * 50, built, [[3] * 10], 100, 50)
+    with pytest.raises(LongctxError, match="empty"):
+        build_haystack(tokenizer, f"file:{tmp_path / 'empty.txt'}", 100)
+    with pytest.raises(LongctxError, match="unknown haystack"):
+        load_haystack_text("novels")
+    with pytest.raises(LongctxError, match="unknown task"):
+        Task("haystack")
+
+
+def test_short_haystack_is_repeated(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("One short sentence. Another one.")
+    tokenizer = make_tokenizer()
+    with caplog.at_level("INFO"):
+        built = build_haystack(tokenizer, f"dir:{tmp_path}", 500)
+    assert built.repeats > 1 and len(built.tokens) >= 500
+    assert "repeating it" in caplog.text
+
+
+def test_dataset_haystack_reads_a_local_file(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"body": "First row."}\n{"body": "Second row."}\n')
+    assert load_haystack_text(f"dataset:{tmp_path / 'rows.jsonl'}:train:body") == "First row.\n\nSecond row."
+    with pytest.raises(LongctxError, match="no column"):
+        load_haystack_text(f"dataset:{tmp_path / 'rows.jsonl'}:train:text")
+
+
+def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
+    model, tokenizer = tiny
+    task = Task("multivalue")
+    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, "essays", 600), task.instruction, "raw")
+    prefix = PrefixCache(model, builder.clean_tokens, chunk_size=64)
+    for depth in (100, 0, 40, 70):  # out of order: the prefix cache grows and is cropped
+        prompt = builder.build(task.sample(random.Random(depth)), 600, depth)
+        cache, position = prefix.start(prompt.ids, prompt.shared_prefix)
+        assert position == prompt.shared_prefix
+        reused = prefill(model, cache, prompt.ids[position:], chunk_size=64, keep=20)
+        with torch.no_grad():
+            full = model(torch.tensor([prompt.ids])).logits[0, -20:]
+        torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
+    assert prefix.length == max(prefix.length, 1) and prefix.tokens_processed == prefix.length
+
+
+def test_prefix_reuse_scores_equal_from_scratch(tiny):
+    model, tokenizer = tiny
+    results = {}
+    for reuse in (True, False):
+        evaluator = Evaluator(model, tokenizer, Task("passkey"), max_length=512, prefix_reuse=reuse, scoring="teacher-forced")
+        results[reuse] = [evaluator.evaluate(512, depth).to_json() for depth in (0, 50, 100)]
+        if reuse:
+            assert all(r["processed_tokens"] < 512 for r in results[reuse][1:])
+    for reused, scratch in zip(results[True], results[False]):
+        assert reused["answer"] == scratch["answer"] and reused["score"] == scratch["score"]
+
+
+def test_dynamic_rope_falls_back_to_full_prefill(tmp_path, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_llama(
+        tmp_path / "dyn", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+    )
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    with caplog.at_level("WARNING"):
+        evaluator = Evaluator(model, tokenizer, Task("passkey"), max_length=400)
+    assert not evaluator.prefix_reuse and "cannot be reused" in caplog.text
+    assert evaluator.evaluate(400, 50).processed_tokens == 400
+
+
+def test_scoring_rules():
+    assert first_integer_match(" 12345. Remember", "12345") == 1.0
+    assert first_integer_match("is 123456", "12345") == 0.0
+    assert first_integer_match("no number", "12345") == 0.0
+    assert string_match_all("The values are 11, 22 and 33", ["11", "22", "44", "33"]) == 0.75
+    assert string_match_all("CALM-Otter", ["calm-otter"]) == 1.0
+    needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    question = "What is the best thing to do in San Francisco?"
+    assert keyword_recall("eat a sandwich and sit in Dolores Park on a sunny day", needle, question) == 1.0
+    assert keyword_recall("go to Dolores Park", needle, question) == pytest.approx(2 / 7)
+    for name in TASKS:
+        for value_type in ("numbers", "words", "uuids") if name not in ("passkey", "needle") else ("numbers",):
+            sample = Task(name, value_type=value_type).sample(random.Random(1))
+            assert score_answer(sample, sample.answer) == 1.0
+            assert score_answer(sample, "I do not know") == 0.0
+            assert len(sample.needles) == (4 if name.startswith("multi") else 1)
+
+
+def test_multikey_asks_for_the_first_needle_among_distinct_keys():
+    sample = Task("multikey", value_type="uuids").sample(random.Random(3))
+    keys = [n.split(" for ")[1].split(" is:")[0] for n in sample.needles]
+    assert len(set(keys)) == 4 and keys[0] in sample.question and sample.expected[0] in sample.needles[0]
+
+
+def test_teacher_forced_scores_a_model_that_copies(tiny):
+    model, tokenizer = tiny
+    evaluator = Evaluator(model, tokenizer, Task("single"), max_length=400, scoring="teacher-forced")
+    result = evaluator.evaluate(400, 30)
+    assert result.score in (0.0, 1.0) and len(result.answer) > 0 and result.expected
+
+
+def test_memory_refusal_names_the_figure(tiny):
+    model, _ = tiny
+    assert estimate_memory_bytes(model, 4096) < estimate_memory_bytes(model, 8192)
+    with pytest.raises(LongctxError, match=r"GiB .* available"):
+        check_memory(model, 10**9)
+
+
+def test_passkey_accuracy_contract(tiny):
+    model, tokenizer = tiny
+    model.train()
+    score = passkey_accuracy(model, tokenizer, length=300, num_samples=3)
+    assert 0.0 <= score <= 1.0 and model.training  # the mode is restored
+    assert passkey_accuracy(model, tokenizer, length=300, num_samples=1, depths=[0, 100], scoring="teacher-forced") in (
+        0.0, 0.5, 1.0,
+    )
+
+
+@pytest.mark.slow
+def test_default_model_retrieves_a_passkey_at_1k(default_model_dir):
+    from longctx.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(default_model_dir)
+    assert passkey_accuracy(model, tokenizer, length=1024, num_samples=2) == 1.0

@@ -1,0 +1,67 @@
+"""A stock LlamaForCausalLM run sequence-parallel through attn_implementation="longctx_ring" equals one process."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longctx.parallel import pad_for_zigzag, sequence_parallel_loss, shard_for_sequence_parallel, shift_labels
+from test_parallel_ring import run_ranks
+
+
+def _model():
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _reference(model, input_ids, labels, documents):
+    """Single-process loss (mean over valid tokens) and gradients; packed documents run one by one."""
+    if documents is None:
+        logits = model(input_ids, use_cache=False).logits
+    else:
+        pieces = input_ids.split(documents, dim=1)
+        logits = torch.cat([model(piece, use_cache=False).logits for piece in pieces], dim=1)
+    targets = shift_labels(labels)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def _check_llama(rank, world_size, batch, length, documents):
+    model = _model()
+    generator = torch.Generator().manual_seed(length)
+    input_ids = torch.randint(3, 259, (batch, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # e.g. a prompt without loss
+    positions = None if documents is None else torch.cat([torch.arange(n) for n in documents])[None]
+    expected_loss, expected_grads = _reference(model, input_ids, labels, documents)
+
+    input_ids, labels, positions = pad_for_zigzag(input_ids, labels, positions, world_size)
+    shard = shard_for_sequence_parallel(
+        {"input_ids": input_ids, "labels": labels, "position_ids": positions}, rank, world_size
+    )
+    model.set_attn_implementation("longctx_ring")
+    logits = model(shard["input_ids"], position_ids=shard["position_ids"], use_cache=False).logits
+    loss = sequence_parallel_loss(logits, shard["shift_labels"])
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=0, atol=1e-5)
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad.clone()
+        dist.all_reduce(grad)  # the sequence's gradient is the sum of the ranks' shares
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+def _check_all(rank, world_size):
+    _check_llama(rank, world_size, batch=2, length=64, documents=None)
+    _check_llama(rank, world_size, batch=2, length=61, documents=None)  # padded to 64
+    _check_llama(rank, world_size, batch=1, length=64, documents=[37, 27])
+
+
+def test_llama_forward_backward_two_ranks():
+    run_ranks(2, _check_all)
