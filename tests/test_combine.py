@@ -129,6 +129,8 @@ def test_modules_to_save_and_rope_metadata_carried(tiny_llama, tmp_path):
     merge_adapters(tiny_llama, [a0, a1], tmp_path / "direct", progress=False)
     merge_adapters(tiny_llama, [tmp_path / "combined"], tmp_path / "via-combined", progress=False)
     assert_same_weights(load_merged(tmp_path / "via-combined"), load_merged(tmp_path / "direct"), tolerance=1e-6)
+    # PEFT reads the per-module ranks (rank_pattern) and the saved lm_head of the combined adapter the same way
+    assert_same_weights(peft_merge(tiny_llama, [tmp_path / "combined"]), load_merged(tmp_path / "direct"), tolerance=1e-6)
     assert json.loads((tmp_path / "via-combined" / "config.json").read_text())["max_position_embeddings"] == 1024
 
 

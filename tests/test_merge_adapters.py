@@ -98,6 +98,32 @@ def test_equals_peft_sequential_merge(tiny_llama, three_adapters, tmp_path, capl
     assert read_metadata(tmp_path / "merged") is None  # no rope settings were carried
 
 
+def test_every_embedding_delta_is_kept(tiny_llama, tmp_path):
+    """PEFT loads each embedding adapter's saved copy of the embedding over the model's, erasing earlier
+    adapters' embedding deltas; we add every delta to the base's embedding (and warn when a copy differs)."""
+    from longctx.lora.merge import load_adapter
+
+    adapters = [
+        make_adapter(tiny_llama, tmp_path / f"e{i}", seed=20 + i, r=2 + i, target_modules=["embed_tokens", "q_proj"]) for i in range(2)
+    ]
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors = load_file(adapters[1] / "adapter_model.safetensors")
+    save_file({**tensors, key: tensors[key] + 1.0}, adapters[1] / "adapter_model.safetensors")
+
+    result = merge_adapters(tiny_llama, adapters, tmp_path / "merged", progress=False)
+    assert any("e1 was trained on a different model.embed_tokens.weight" in w for w in result.warnings)
+    ours = load_merged(tmp_path / "merged").state_dict()
+    base = load_merged(tiny_llama).state_dict()
+    deltas = [load_adapter(a).loras["model.embed_tokens"] for a in adapters]
+    expected = base["model.embed_tokens.weight"] + sum(f.scaling * (f.B @ f.A).T for f in deltas)
+    assert torch.allclose(ours["model.embed_tokens.weight"], expected, atol=1e-6)
+    reference = peft_merge(tiny_llama, adapters).state_dict()
+    assert not torch.allclose(reference["model.embed_tokens.weight"], expected, atol=1e-3)  # PEFT lost e0's delta
+    for name in ours:
+        if name != "model.embed_tokens.weight":
+            assert torch.allclose(ours[name], reference[name], atol=1e-6), name
+
+
 def test_weights_scale_each_adapters_deltas(tiny_llama, three_adapters, tmp_path):
     # PEFT has no per-adapter weight on merge: scale lora_B in a copy of each adapter instead.
     scaled = []
@@ -155,6 +181,17 @@ def test_tied_embeddings_follow_peft(tmp_path):
     reference = peft_merge(base, [lora_on_both, saves_head])
     assert_same_weights(ours, reference)
     assert greedy_text(ours, base) == greedy_text(reference, base)
+
+
+@pytest.mark.parametrize("ensure_weight_tying", [False, True])
+def test_saved_tied_embedding_follows_ensure_weight_tying(tmp_path, ensure_weight_tying):
+    base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    adapter = make_adapter(base, tmp_path / "a", seed=6, r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                           ensure_weight_tying=ensure_weight_tying)
+    result = merge_adapters(base, [adapter], tmp_path / "merged", progress=False)
+    reference = peft_merge(base, [adapter])
+    assert (result.untied == []) == ensure_weight_tying == reference.config.tie_word_embeddings
+    assert_same_weights(load_merged(tmp_path / "merged"), reference)
 
 
 def test_fan_in_fan_out_and_lora_bias_on_gpt2(tmp_path):
@@ -308,6 +345,48 @@ def test_longctx_command_takes_old_and_new_flags(tiny_llama, three_adapters, tmp
     assert "weight 0.25" in out and "bfloat16" in out and "no adapter carries any" in out
     assert main(["merge-adapters", "--peft_model_paths", str(three_adapters[0]), "--output_dir", str(tmp_path / "x")]) == 2
     assert "--base_model_name_or_path is required" in capsys.readouterr().err
+
+
+def test_long_context_adapter_from_extract_lora_gives_back_the_extended_model(tiny_llama, tmp_path):
+    """base --extract-lora(extended)--> adapter --merge into base--> extended's config, and its weights
+    within the extraction error the report measured."""
+    from transformers import AutoModelForCausalLM
+
+    from longctx.lora.extract import extract_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    changed = {}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "o_proj.weight")):
+                out_features, in_features = parameter.shape
+                delta = torch.randn(out_features, 3, generator=generator) @ torch.randn(3, in_features, generator=generator) * 0.02
+                if "layers.1.self_attn.q_proj" in name:  # beyond rank 4: a measurable extraction error
+                    delta += torch.randn(parameter.shape, generator=generator) * 0.01
+                parameter.add_(delta)
+                changed[name] = delta
+    model.config.rope_parameters = dict(YARN)
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(tmp_path / "extended")
+    report = extract_lora(tiny_llama, tmp_path / "extended", tmp_path / "long-lora", rank=4, show_progress=False)
+
+    merge_adapters(tiny_llama, [tmp_path / "long-lora"], tmp_path / "merged", progress=False)
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    extended_config = json.loads((tmp_path / "extended" / "config.json").read_text())
+    assert merged_config["rope_parameters"] == extended_config["rope_parameters"]
+    assert merged_config["max_position_embeddings"] == extended_config["max_position_embeddings"] == 1024
+
+    errors = {m["module"]: m["relative_error"] for m in report["modules"] if "relative_error" in m}
+    merged = load_merged(tmp_path / "merged").state_dict()
+    extended = model.state_dict()
+    for name, expected in extended.items():
+        if name in changed:
+            error = ((merged[name] - expected).norm() / changed[name].norm()).item()
+            assert error <= errors[name.removesuffix(".weight")] + 1e-5, name
+        else:
+            assert torch.allclose(merged[name], expected, atol=1e-6), name
+    assert errors["model.layers.1.self_attn.q_proj"] > 0.1  # the one full-rank delta really is approximate
 
 
 def synthetic_adapter(base_dir: Path, out_dir: Path, *, seed: int, r: int, lora_alpha: int, target_modules: list[str], modules_to_save=()) -> Path:

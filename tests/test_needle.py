@@ -10,7 +10,7 @@ from conftest import make_tiny_llama, make_tokenizer
 
 from longctx.errors import LongctxError
 from longctx.eval import Evaluator, passkey_accuracy
-from longctx.eval.engine import PrefixCache, estimate_memory_bytes, check_memory, prefill, new_cache
+from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, prefill
 from longctx.eval.haystacks import build_haystack, encode, load_haystack_text
 from longctx.eval.prompts import PromptBuilder, assemble_prompt, needle_depths
 from longctx.eval.tasks import TASKS, Task, first_integer_match, keyword_recall, score_answer, string_match_all
@@ -211,4 +211,4 @@ def test_default_model_retrieves_a_passkey_at_1k(default_model_dir):
     from longctx.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(default_model_dir)
-    assert passkey_accuracy(model, tokenizer, length=1024, num_samples=2) == 1.0
+    assert passkey_accuracy(model, tokenizer, length=1024, num_samples=1) == 1.0  # one probe at depth 50

@@ -1,5 +1,6 @@
 """A stock LlamaForCausalLM run sequence-parallel through attn_implementation="longctx_ring" equals one process."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -65,3 +66,35 @@ def _check_all(rank, world_size):
 
 def test_llama_forward_backward_two_ranks():
     run_ranks(2, _check_all)
+
+
+
+def _check_default_model(rank, world_size, model, input_ids, expected_loss, expected_grads):
+    model.set_attn_implementation("longctx_ring")
+    shard = shard_for_sequence_parallel({"input_ids": input_ids, "labels": input_ids}, rank, world_size)
+    logits = model(shard["input_ids"], position_ids=shard["position_ids"], use_cache=False).logits
+    loss = sequence_parallel_loss(logits, shard["shift_labels"])
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=0, atol=1e-5)
+    parameters = dict(model.named_parameters())
+    for name, expected in expected_grads.items():
+        grad = parameters[name].grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_default_model_loss_and_gradients_on_two_ranks(default_model_dir):
+    """SmolLM2-135M (9 heads / 3 kv heads, 30 layers): 2 ranks equal one process (the forked ranks share its weights)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(7))
+    loss = model(input_ids, labels=input_ids, use_cache=False).loss
+    loss.backward()
+    names = ["model.layers.0.self_attn.k_proj.weight", "model.layers.29.self_attn.q_proj.weight",
+             "model.layers.15.mlp.down_proj.weight", "model.norm.weight"]
+    parameters = dict(model.named_parameters())
+    expected_grads = {name: parameters[name].grad.clone() for name in names}
+    model.zero_grad(set_to_none=True)
+    run_ranks(2, _check_default_model, model, input_ids, loss.detach(), expected_grads)

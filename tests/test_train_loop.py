@@ -128,3 +128,17 @@ def test_train_after_extend_trains_the_extended_model(tmp_path, tiny_llama, corp
     assert read_metadata(output)["source_model"] == str(tiny_llama)
     with pytest.raises(LongctxError, match="already exists"):
         train_after_extend(tiny_llama, config)
+
+
+def test_rng_states_round_trip_through_json():
+    import random
+
+    import numpy as np
+
+    from longctx.train.checkpoint import rng_state, set_rng_state
+
+    saved = json.loads(json.dumps(rng_state()))
+    first = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(saved)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]

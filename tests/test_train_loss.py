@@ -67,3 +67,34 @@ def test_causal_lm_loss_matches_transformers_own_loss(tiny_llama):
     for chunk in (0, 7):
         loss_sum, count = CausalLMLoss(model, chunk)(input_ids=input_ids, position_ids=positions, labels=shifted)
         torch.testing.assert_close(loss_sum / count, hf_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_default_model_chunked_loss_and_rope_rebuild(default_model_dir):
+    """SmolLM2-135M (tied embeddings): the chunked loss equals transformers' own, and set_rope gives
+    the logits of a model loaded with those rope settings in its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longctx.rope import rope_for_length
+    from longctx.train.loop import set_rope
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir)
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 128))
+    shifted = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
+    positions = torch.arange(128).unsqueeze(0)
+    with torch.no_grad():
+        hf_loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss_sum, count = CausalLMLoss(model, 32)(input_ids=input_ids, position_ids=positions, labels=shifted)
+    torch.testing.assert_close(loss_sum / count, hf_loss, rtol=1e-5, atol=1e-5)
+
+    rope = rope_for_length(model.config.to_dict(), 32768, "yarn")
+    set_rope(model, rope)
+    config = AutoConfig.from_pretrained(default_model_dir)
+    config.rope_parameters, config.max_position_embeddings = rope["rope_parameters"], rope["max_position_embeddings"]
+    fresh = AutoModelForCausalLM.from_pretrained(default_model_dir, config=config)
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, use_cache=False).logits
+        theirs = fresh(input_ids=input_ids, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert model.model.rotary_emb.attention_scaling == fresh.model.rotary_emb.attention_scaling != 1.0

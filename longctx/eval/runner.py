@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longctx.errors import LongctxError
 from longctx.eval.engine import (
     DEFAULT_CHUNK,
     PrefixCache,
@@ -72,8 +73,6 @@ class Evaluator:
         seed: int = 0,
     ):
         if scoring not in SCORINGS:
-            from longctx.errors import LongctxError
-
             raise LongctxError(f"unknown scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.scoring, self.seed = scoring, seed

@@ -106,21 +106,10 @@ def lora_adapter_config(
 
 
 def _safetensors_dtype(dtype) -> str:
-    """The safetensors name of a torch dtype (torch is imported here, not at module top)."""
-    import torch
+    """The safetensors name of a torch dtype."""
+    from longctx.models.tensors import _SAFE_DTYPES
 
-    names = {
-        torch.float64: "F64",
-        torch.float32: "F32",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.int64: "I64",
-        torch.int32: "I32",
-        torch.int16: "I16",
-        torch.int8: "I8",
-        torch.uint8: "U8",
-        torch.bool: "BOOL",
-    }
+    names = {torch_dtype: name for name, torch_dtype in _SAFE_DTYPES.items()}
     if dtype not in names:
         raise ValueError(f"safetensors cannot store dtype {dtype}")
     return names[dtype]

@@ -22,7 +22,9 @@ which merge_adapters applies; a LoRA alone carries no config) and extraction_rep
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ from longctx.models.metadata import read_metadata, write_metadata
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "extraction_report.json"
+COMPARE_BLOCK_BYTES = 64 * 1024**2
+SINGLE_THREAD_NUMEL = 1 << 20
 DEFAULT_RANK = 64
 EMBEDDING_POLICIES = ("full", "lora", "skip")
 VOCAB_POLICIES = ("error", "keep-base")
@@ -179,7 +183,9 @@ def check_compatible(base_config: dict, extended_config: dict, base: TensorReade
     for missing, where in ((extended_names - base_names, "BASE"), (base_names - extended_names, "EXTENDED")):
         if missing:
             listed = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
-            raise LongctxError(f"{len(missing)} tensor(s) missing from {where} ({listed}); the models have different architectures")
+            raise LongctxError(
+                f"{len(missing)} tensor(s) missing from {where} ({listed}); the models have different architectures"
+            )
     vocabulary_tensors = {f"{m}.weight" for m in (layout.embedding_module, layout.lm_head_module) if m}
     for name in sorted(extended_names):
         base_shape, extended_shape = base.shape(name), extended.shape(name)
@@ -192,7 +198,10 @@ def check_compatible(base_config: dict, extended_config: dict, base: TensorReade
                 f"vocabulary sizes differ ({name}: BASE {base_shape[0]} rows, EXTENDED {extended_shape[0]}); pass "
                 "--vocab-policy keep-base to keep the base vocabulary (rows beyond it are dropped and reported)"
             )
-        raise LongctxError(f"tensor {name} has shape {list(base_shape)} in BASE and {list(extended_shape)} in EXTENDED; the models have different architectures")
+        raise LongctxError(
+            f"tensor {name} has shape {list(base_shape)} in BASE and {list(extended_shape)} in EXTENDED; "
+            "the models have different architectures"
+        )
 
 
 def _ignored_tensors(layout: ModelLayout) -> set[str]:
@@ -213,10 +222,29 @@ class _Progress:
         return self.bytes_read / max(time.perf_counter() - self.started, 1e-9) / 1e6
 
 
-def _tensor_pair(base: TensorReader, extended: TensorReader, name: str, progress: _Progress):
-    base_tensor, extended_tensor = base.get(name), extended.get(name)
-    progress.bytes_read += sum(t.numel() * t.element_size() for t in (base_tensor, extended_tensor))
-    return base_tensor, extended_tensor
+@contextlib.contextmanager
+def _cpu_threads(count: int | None):
+    """Run a block with `count` torch CPU threads (None: unchanged). On small matrices the
+    thread pool's start-up and spin-waiting cost more than the work (10x on a busy machine)."""
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def _safetensors_slice(reader: TensorReader, name: str):
+    """A lazily read view of one tensor (rows are read when indexed)."""
+    from safetensors import safe_open
+
+    return safe_open(reader.model_dir / reader.weight_map[name], framework="pt").get_slice(name)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -231,22 +259,23 @@ def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> t
 
 
 class _Extractor:
+    """One pass over the tensor pairs: decisions per module, factors and copies streamed to the writer."""
+
     def __init__(self, base: TensorReader, extended: TensorReader, layout: ModelLayout, settings: ExtractionSettings,
                  writer: adapter_format.StreamingSafetensorsWriter):
         self.base, self.extended, self.layout, self.settings, self.writer = base, extended, layout, settings, writer
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.out_dtype = DTYPES[settings.dtype]
         self.modules: dict[str, dict] = {}  # module -> its report entry
-        self.ranks: dict[str, int] = {}  # LoRA modules -> rank
-        self.lora_targets: set[str] = set()  # linear modules (and lm_head) given lora_A/B
-        self.embedding_lora = False
+        self.ranks: dict[str, int] = {}  # every module with LoRA factors -> rank
+        self.lora_targets: set[str] = set()  # the linear ones (lora_A/B; not lora_embedding_A/B)
         self.bias_deltas: dict[str, torch.Tensor] = {}
         self.full_modules: set[str] = set()
         self.written_full: set[str] = set()
         self.progress = _Progress()
 
-    # which modules are decomposed
     def targeted(self, module: str) -> bool:
+        """Whether a module's delta is factored into LoRA (else copied whole, or skipped)."""
         kind = self.layout.module_kind[module]
         if kind in ("embedding", "lm_head"):
             return self.settings.embeddings == "lora"
@@ -270,31 +299,68 @@ class _Extractor:
         self.finish()
 
     def process(self, name: str) -> None:
-        base_tensor, extended_tensor = _tensor_pair(self.base, self.extended, name, self.progress)
-        if name not in self.layout.param_module:
-            if not (base_tensor.shape == extended_tensor.shape and torch.equal(base_tensor, extended_tensor)):
-                self.entry(name, kind="skipped", reason="changed tensor that is no module parameter PEFT can load")
+        mapped = self.layout.param_module.get(name)
+        if self.identical(name):
+            if mapped:
+                self.entry(mapped[0])
             return
-        module, param = self.layout.param_module[name]
+        if not mapped:
+            self.entry(name, kind="skipped", reason="changed tensor that is no module parameter PEFT can load")
+            return
+        module, param = mapped
         kind = self.layout.module_kind[module]
-        extended_tensor, dropped_rows = _on_base_rows(base_tensor, extended_tensor)
-        if dropped_rows:
-            self.entry(module, dropped_vocabulary_rows=dropped_rows)
-        if torch.equal(base_tensor, extended_tensor):
-            self.entry(module)
-            return
         if kind in ("embedding", "lm_head") and self.settings.embeddings == "skip":
             self.entry(module, kind="skipped", reason="changed embedding (--embeddings skip)")
-        elif self.targeted(module) and param == "weight":
-            self.decompose(module, kind, base_tensor, extended_tensor)
-        elif self.targeted(module) and param == "bias":
-            self.bias_deltas[module] = extended_tensor.float() - base_tensor.float()
-        elif kind == "linear":
+        elif kind == "linear" and not self.targeted(module):
             self.entry(module, kind="skipped", reason="changed linear layer not in --target-modules")
-        else:  # norms, full-rank embeddings: the whole module goes to modules_to_save
+        elif self.targeted(module):  # needs the delta: both tensors
+            base_tensor, extended_tensor = self.fitted_pair(module, name)
+            if torch.equal(base_tensor, extended_tensor):
+                return  # only dropped vocabulary rows differed
+            if param == "weight":
+                self.decompose(module, kind, base_tensor, extended_tensor)
+            else:
+                self.bias_deltas[module] = extended_tensor.float() - base_tensor.float()
+        else:  # norms, full-rank embeddings: the whole module goes to modules_to_save, with EXTENDED's values
+            if self.base.shape(name) == self.extended.shape(name):
+                extended_tensor = self.read(self.extended, name)
+            else:
+                _, extended_tensor = self.fitted_pair(module, name)
             self.full_modules.add(module)
             self.entry(module, kind="modules_to_save", shape=list(extended_tensor.shape))
             self.write_full(module, param, extended_tensor)
+
+    def read(self, reader: TensorReader, name: str) -> torch.Tensor:
+        tensor = reader.get(name)
+        self.progress.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def fitted_pair(self, module: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """BASE's tensor and EXTENDED's on BASE's vocabulary rows (--vocab-policy keep-base)."""
+        base_tensor = self.read(self.base, name)
+        extended_tensor, dropped_rows = _on_base_rows(base_tensor, self.read(self.extended, name))
+        if dropped_rows:
+            self.entry(module, dropped_vocabulary_rows=dropped_rows)
+        return base_tensor, extended_tensor
+
+    def identical(self, name: str) -> bool:
+        """Bit-equal in both models; a large tensor is compared block by block, so an unchanged
+        embedding never needs two full copies in memory."""
+        shape = self.base.shape(name)
+        if shape != self.extended.shape(name):
+            return False
+        if self.base.is_pickle or self.extended.is_pickle or not shape or self.base.dtype(name) != self.extended.dtype(name):
+            base_tensor, extended_tensor = self.read(self.base, name), self.read(self.extended, name)
+            return torch.equal(base_tensor.to(extended_tensor.dtype), extended_tensor)
+        base_slice, extended_slice = _safetensors_slice(self.base, name), _safetensors_slice(self.extended, name)
+        rows_per_block = max(1, COMPARE_BLOCK_BYTES // (math.prod(shape[1:]) * _element_size(self.base.dtype(name))))
+        for start in range(0, shape[0], rows_per_block):
+            rows = slice(start, start + rows_per_block)
+            base_block, extended_block = base_slice[rows], extended_slice[rows]
+            self.progress.bytes_read += 2 * base_block.numel() * base_block.element_size()
+            if not torch.equal(base_block, extended_block):
+                return False
+        return True
 
     def decompose(self, module: str, kind: str, base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> None:
         started = time.perf_counter()
@@ -304,15 +370,17 @@ class _Extractor:
         is_embedding = kind == "embedding"
         if is_embedding:
             delta = delta.T  # PEFT: embedding delta = (B @ A)^T, A is r x num_embeddings
-        total = frobenius_sq(delta)
-        if self.settings.rank is not None:
-            factors = factor_fixed_rank(delta, self.settings.rank, generator=self.generator)
-        else:
-            factors = factor_for_energy(delta, self.settings.energy, max_rank=self.settings.max_rank, generator=self.generator)
-        a, b = factors.A.to(self.out_dtype), factors.B.to(self.out_dtype)
-        stats = residual_stats(delta, a, b, total_energy=total)
+        with _cpu_threads(1 if delta.numel() < SINGLE_THREAD_NUMEL else None):
+            total = frobenius_sq(delta)
+            if self.settings.rank is not None:
+                factors = factor_fixed_rank(delta, self.settings.rank, generator=self.generator)
+            else:
+                factors = factor_for_energy(
+                    delta, self.settings.energy, max_rank=self.settings.max_rank, generator=self.generator
+                )
+            a, b = factors.A.to(self.out_dtype), factors.B.to(self.out_dtype)
+            stats = residual_stats(delta, a, b, total_energy=total)
         if is_embedding:
-            self.embedding_lora = True
             self.writer.add(adapter_format.lora_key(module, "lora_embedding_A"), a)
             self.writer.add(adapter_format.lora_key(module, "lora_embedding_B"), b)
         else:
@@ -338,26 +406,45 @@ class _Extractor:
             # PEFT with ensure_weight_tying loads lm_head's copy of the tied embedding too
             self.writer.add(adapter_format.full_module_key(self.layout.lm_head_module, "weight"), tensor)
 
+    def adapter_config(self, base_model: str) -> dict:
+        adapted = set(self.ranks)  # linear layers, lm_head, and the embedding when it is a LoRA
+        return adapter_format.lora_adapter_config(
+            base_model=base_model,
+            ranks=self.ranks,
+            target_modules=peft_names(adapted, self.layout.all_modules, _matches_target),
+            # PEFT's modules_to_save rule: the module's name ends with the entry
+            modules_to_save=peft_names(self.full_modules, self.layout.all_modules, lambda module, entry: module.endswith(entry)),
+            lora_bias=bool(self.bias_deltas),
+            ensure_weight_tying=self.layout.tied_embeddings and self.layout.embedding_module in self.full_modules,
+        )
+
+    def add_zero_lora(self, module: str, method: str) -> None:
+        out_features, in_features = self.base.shape(f"{module}.weight")
+        self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
+        self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
+        self.lora_targets.add(module)
+        self.ranks[module] = 1
+        self.entry(module, kind="lora", shape=[out_features, in_features], rank=1, method=method)
+
     def finish(self) -> None:
         # modules_to_save replaces the whole module: write its unchanged parameters too
         for module in sorted(self.full_modules):
             for param in self.layout.module_params[module]:
                 name = f"{module}.{param}"
                 if name not in self.written_full and name in self.extended:
-                    _, extended_tensor = _tensor_pair(self.base, self.extended, name, self.progress)
-                    self.write_full(module, param, _on_base_rows(self.base.get(name), extended_tensor)[0])
+                    self.write_full(module, param, self.fitted_pair(module, name)[1])
+        # a bias delta needs a LoRA layer to ride on: modules whose weight is unchanged get zero rank-1 factors
+        for module in self.bias_deltas:
+            if module not in self.lora_targets:
+                self.add_zero_lora(module, "bias only")
+            self.entry(module, bias_changed=True)
+        if self.full_modules and not self.ranks:
+            # PEFT refuses an adapter that adapts no module: only modules_to_save changed
+            linear = [m for m, kind in self.layout.module_kind.items() if kind == "linear" and f"{m}.weight" in self.base]
+            first_linear = linear[0]
+            self.add_zero_lora(first_linear, "placeholder (PEFT needs one LoRA module)")
         if not self.bias_deltas:
             return
-        # a bias delta needs a LoRA layer to ride on: modules whose weight is unchanged get zero rank-1 factors
-        for module, bias in self.bias_deltas.items():
-            if module not in self.lora_targets:
-                out_features, in_features = self.base.shape(f"{module}.weight")
-                self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
-                self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
-                self.lora_targets.add(module)
-                self.ranks[module] = 1
-                self.entry(module, kind="lora", shape=[out_features, in_features], rank=1, retained_energy=1.0, relative_error=0.0, method="bias only")
-            self.entry(module, bias_changed=True)
         # with lora_bias every LoRA linear layer has a bias in lora_B: zeros where nothing changed
         for module in sorted(self.lora_targets):
             bias = self.bias_deltas.get(module)
@@ -400,10 +487,11 @@ def extract_lora(
         raise LongctxError("BASE and EXTENDED differ in tie_word_embeddings; the models have different architectures")
     if layout.tied_embeddings and settings.embeddings == "lora":
         raise LongctxError(
-            "--embeddings lora is not supported for models with tied embeddings (PEFT would apply the tied LoRA twice "
-            "on merge); use --embeddings full (the default) or skip"
+            "--embeddings lora is not supported for models with tied embeddings (PEFT does not merge a LoRA on tied "
+            "embeddings correctly); use --embeddings full (the default) or skip"
         )
-    with TensorReader(base_dir, allow_pickle=allow_pickle) as base, TensorReader(extended_dir, allow_pickle=allow_pickle) as extended:
+    with TensorReader(base_dir, allow_pickle=allow_pickle) as base, \
+            TensorReader(extended_dir, allow_pickle=allow_pickle) as extended:
         check_compatible(base_config, extended_config, base, extended, layout, settings)
         _check_targets(settings, layout)
         ignored = _ignored_tensors(layout)
@@ -419,27 +507,22 @@ def extract_lora(
             except BaseException:
                 writer.abort()
                 raise
-            config = adapter_format.lora_adapter_config(
-                base_model=str(base_dir),
-                ranks={module: extractor.ranks[module] for module in extractor.lora_targets | ({layout.embedding_module} if extractor.embedding_lora else set())},
-                target_modules=peft_names(
-                    extractor.lora_targets | ({layout.embedding_module} if extractor.embedding_lora else set()),
-                    layout.all_modules, _matches_target,
-                ),
-                modules_to_save=peft_names(extractor.full_modules, layout.all_modules, lambda m, name: m.endswith(name)),
-                lora_bias=bool(extractor.bias_deltas),
-                ensure_weight_tying=layout.tied_embeddings and bool(extractor.full_modules & {layout.embedding_module}),
-            )
-            write_json(tmp / adapter_format.ADAPTER_CONFIG, config)
+            write_json(tmp / adapter_format.ADAPTER_CONFIG, extractor.adapter_config(str(base_dir)))
             report = _report(base_dir, extended_dir, settings, extractor, writer.total_bytes, time.perf_counter() - started)
             write_json(tmp / REPORT_FILE, report)
-            write_metadata(
-                tmp, "lora-adapter", rope_parameters=rope["rope_parameters"], max_position_embeddings=rope["max_position_embeddings"],
-                base_model=str(base_dir), extended_model=str(extended_dir), extended_model_metadata=read_metadata(extended_dir),
-                report_file=REPORT_FILE,
-            )
+            write_sidecar(tmp, base_dir, extended_dir, rope)
     report["output"] = str(output_dir)
     return report
+
+
+def write_sidecar(adapter_dir: Path, base_dir: Path, extended_dir: Path, rope: dict, **fields) -> dict:
+    """longctx.json: EXTENDED's rope settings (which merge_adapters applies) and where the adapter came from."""
+    return write_metadata(
+        adapter_dir, "lora-adapter",
+        rope_parameters=rope["rope_parameters"], max_position_embeddings=rope["max_position_embeddings"],
+        base_model=str(base_dir), extended_model=str(extended_dir), extended_model_metadata=read_metadata(extended_dir),
+        report_file=REPORT_FILE, **fields,
+    )
 
 
 def _tied(config: dict) -> bool:
@@ -462,9 +545,10 @@ def _check_targets(settings: ExtractionSettings, layout: ModelLayout) -> None:
         raise LongctxError(f"--target-modules {', '.join(unknown)} match no linear layer; choose from {', '.join(examples)}")
 
 
-def _report(base_dir: Path, extended_dir: Path, settings: ExtractionSettings, extractor: _Extractor, adapter_bytes: int, seconds: float) -> dict:
+def _report(base_dir: Path, extended_dir: Path, settings: ExtractionSettings, extractor: _Extractor,
+            adapter_bytes: int, seconds: float) -> dict:
     modules = list(extractor.modules.values())
-    lora = [m for m in modules if m["kind"] in ("lora", "lora_embedding") and m.get("method") != "bias only"]
+    lora = [m for m in modules if m["kind"] in ("lora", "lora_embedding") and m.get("method") in ("exact", "randomized")]
     errors = [m["relative_error"] for m in lora]
     return {
         "engine": "longctx",
@@ -481,7 +565,8 @@ def _report(base_dir: Path, extended_dir: Path, settings: ExtractionSettings, ex
 
 
 def summarize(modules: list[dict], adapter_bytes: int, seconds: float, errors: list[float]) -> dict:
-    count = {kind: sum(1 for m in modules if m["kind"] == kind) for kind in ("lora", "lora_embedding", "modules_to_save", "skipped", "unchanged")}
+    kinds = ("lora", "lora_embedding", "modules_to_save", "skipped", "unchanged")
+    count = {kind: sum(1 for m in modules if m["kind"] == kind) for kind in kinds}
     ranks = [m["rank"] for m in modules if m.get("rank")]
     return {
         "modules": count,
@@ -493,3 +578,124 @@ def summarize(modules: list[dict], adapter_bytes: int, seconds: float, errors: l
         "adapter_bytes": adapter_bytes,
         "seconds": round(seconds, 2),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring any adapter (ours or mergekit's) against the pair it came from, and the
+# mergekit engine, which runs mergekit-extract-lora and adds what it lacks.
+
+
+LORA_PARTS = (("lora_A.weight", "lora_B.weight", False), ("lora_embedding_A", "lora_embedding_B", True))
+
+
+def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir: str | Path, *, allow_pickle: bool = False,
+                    show_progress: bool = False) -> list[dict]:
+    """Per LoRA module of an adapter: rank and measured ||dW - scaling * B A|| / ||dW||."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    adapter_dir = Path(adapter_dir)
+    config = adapter_format.read_adapter_config(adapter_dir)
+    weights = adapter_dir / adapter_format.ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise LongctxError(f"{adapter_dir} has no {adapter_format.ADAPTER_WEIGHTS}")
+    entries = []
+    with safe_open(weights, framework="pt") as adapter, \
+            TensorReader(resolve_model(base_dir), allow_pickle=allow_pickle) as base, \
+            TensorReader(resolve_model(extended_dir), allow_pickle=allow_pickle) as extended:
+        prefix = adapter_format.KEY_PREFIX
+        pairs = {}
+        for key in adapter.keys():
+            for a_part, b_part, is_embedding in LORA_PARTS:
+                if key.endswith("." + a_part):
+                    module = key[len(prefix):-len(a_part) - 1]
+                    pairs[module] = (key, key[: -len(a_part)] + b_part, is_embedding)
+        for module, (a_key, b_key, is_embedding) in tqdm(sorted(pairs.items()), desc="measure", disable=not show_progress):
+            name = f"{module}.weight"
+            delta = extended.get(name).float() - base.get(name).float()
+            if is_embedding:
+                delta = delta.T
+            scaling = adapter_format.module_scaling(config, module)
+            a = adapter.get_tensor(a_key).float()
+            b = adapter.get_tensor(b_key).float() * scaling
+            with _cpu_threads(1 if delta.numel() < SINGLE_THREAD_NUMEL else None):
+                total = frobenius_sq(delta)
+                stats = residual_stats(delta, a, b, total_energy=total) if total > 0 else None
+            entries.append({
+                "module": module,
+                "kind": "lora_embedding" if is_embedding else "lora",
+                "shape": list(delta.T.shape if is_embedding else delta.shape),
+                "rank": a.shape[0],
+                "retained_energy": round(stats.retained_energy, 8) if stats else None,
+                "relative_error": stats.relative_error if stats else None,
+            })
+    for module in config.get("modules_to_save") or []:
+        entries.append({"module": module, "kind": "modules_to_save"})
+    return entries
+
+
+def mergekit_command() -> list[str]:
+    import shutil
+    import sys
+
+    beside_python = Path(sys.executable).parent / "mergekit-extract-lora"
+    found = str(beside_python) if beside_python.is_file() else shutil.which("mergekit-extract-lora")
+    if not found:
+        raise LongctxError(
+            "mergekit-extract-lora was not found; install mergekit (`pip install mergekit`) or use --engine longctx"
+        )
+    return [found]
+
+
+def extract_lora_with_mergekit(base_dir: str | Path, extended_dir: str | Path, output_dir: str | Path, *, rank: int | None = None,
+                               energy: float | None = None, max_rank: int | None = None, target_modules: list[str] | None = None,
+                               embeddings: str = "full", device: str = "cpu", overwrite: bool = False,
+                               show_progress: bool = True, **unsupported) -> dict:
+    """Run mergekit-extract-lora on the same inputs, then add the rope sidecar and our report."""
+    import subprocess
+
+    if energy is not None or max_rank is not None:
+        raise LongctxError(
+            "--engine mergekit supports a fixed --rank only (mergekit has no energy-based rank); drop --energy/--max-rank"
+        )
+    settings_given = {key: value for key, value in unsupported.items() if value not in (None, False, "error", "float32", 0)}
+    if settings_given:
+        flags = ", ".join("--" + key.replace("_", "-") for key in settings_given)
+        raise LongctxError(f"--engine mergekit does not support {flags}; use --engine longctx")
+    settings = ExtractionSettings(rank=rank, embeddings=embeddings, device=device, target_modules=target_modules)
+    settings.validate()
+    output_dir = check_output_free(output_dir, overwrite)
+    base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
+    rope = _rope_settings(read_json(extended_dir / "config.json"))
+    command = mergekit_command() + ["--model", str(extended_dir), "--base-model", str(base_dir), "--max-rank", str(settings.rank)]
+    if embeddings == "lora":
+        command.append("--embed-lora")
+    elif embeddings == "skip":
+        command += ["--exclude-regex", r"embed_tokens|lm_head"]
+    for target in target_modules or []:
+        command += ["--include-regex", rf"(^|\.){target}$"]
+    command += ["--cuda"] if device.startswith("cuda") else ["--no-cuda"]
+    if not show_progress:
+        command.append("--quiet")
+    started = time.perf_counter()
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        result = subprocess.run(command + ["--out-path", str(tmp)], capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LongctxError(f"mergekit-extract-lora failed (exit {result.returncode}): {last}")
+        seconds = time.perf_counter() - started
+        modules = measure_adapter(base_dir, extended_dir, tmp, show_progress=show_progress)
+        errors = [m["relative_error"] for m in modules if m.get("relative_error") is not None]
+        report = {
+            "engine": "mergekit",
+            "command": command,
+            "base_model": str(base_dir),
+            "extended_model": str(extended_dir),
+            "settings": {"rank": settings.rank, "embeddings": embeddings, "target_modules": target_modules, "device": device},
+            "summary": summarize(modules, (tmp / adapter_format.ADAPTER_WEIGHTS).stat().st_size, seconds, errors),
+            "modules": modules,
+        }
+        write_json(tmp / REPORT_FILE, report)
+        write_sidecar(tmp, base_dir, extended_dir, rope, engine="mergekit")
+    report["output"] = str(output_dir)
+    return report

@@ -55,7 +55,7 @@ from longctx.models.output import (
     read_json,
     write_json,
 )
-from longctx.models.tensors import TensorReader
+from longctx.models.tensors import _SAFE_DTYPES, TensorReader
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,7 @@ log = logging.getLogger(__name__)
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SAFETENSORS_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+_SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in _SAFE_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +312,6 @@ class Op:
     """One step on an output tensor: add weight * delta, or set it to a full tensor."""
 
     kind: str  # "add" | "set"
-    adapter: int
     factors: LoraFactors | None = None  # for "add" of a weight delta
     tensor: torch.Tensor | None = None  # for "set", or "add" of a lora_B.bias (already scaled by the caller)
     weight: float = 1.0
@@ -351,7 +337,6 @@ def tied_weights(config, base_names: set[str]) -> dict[str, str]:
     if not getattr(config, "tie_word_embeddings", False):
         return {}
     import transformers
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)]
@@ -380,11 +365,15 @@ class _Slots:
         if name in self.tied:
             self.get(self.partner[name]).append(op)
 
-    def replace_module(self, name: str, op: Op) -> None:
-        """A modules_to_save copy: a new parameter, so a tie through this name is broken."""
+    def replace_module(self, name: str, op: Op, *, keep_tie: bool = False) -> None:
+        """A modules_to_save copy: a new parameter, so a tie through this name is broken,
+        unless the adapter asks PEFT to keep it (ensure_weight_tying: the copy serves both)."""
         self.ops[name] = [op]
         if name in self.tied:
-            self.tied -= {name, self.partner[name]}
+            if keep_tie:
+                self.ops[self.partner[name]] = [op]
+            else:
+                self.tied -= {name, self.partner[name]}
 
 
 def plan_merge(
@@ -418,19 +407,19 @@ def plan_merge(
 
     slots = _Slots(ties)
     base_copies: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+    for adapter, weight in zip(adapters, weights):
         for name, tensor in adapter.base_layer_tensors.items():
             require(adapter, name, tensor.shape, "saved base layer")
             base_copies.setdefault(name, []).append((adapter.name, tensor))
         for module, factors in adapter.loras.items():
             require(adapter, f"{module}.weight", factors.delta_shape(), "LoRA module")
-            slots.apply(f"{module}.weight", Op("add", index, factors=factors, weight=weight))
+            slots.apply(f"{module}.weight", Op("add", factors=factors, weight=weight))
             if factors.bias is not None:
                 require(adapter, f"{module}.bias", factors.bias.shape, "LoRA bias of")
-                slots.apply(f"{module}.bias", Op("add", index, tensor=factors.bias.float() * factors.scaling, weight=weight))
+                slots.apply(f"{module}.bias", Op("add", tensor=factors.bias.float() * factors.scaling, weight=weight))
         for name, tensor in adapter.saved_modules.items():
             require(adapter, name, tensor.shape, "module to save")
-            slots.replace_module(name, Op("set", index, tensor=tensor))
+            slots.replace_module(name, Op("set", tensor=tensor), keep_tie=bool(adapter.config.get("ensure_weight_tying")))
 
     untied = sorted(target for target, source in ties.items() if target not in slots.tied)
     output_names = list(base_names)
@@ -482,13 +471,62 @@ def _shard_layout(names: list[str], nbytes: dict[str, int], max_shard_bytes: int
     return shards
 
 
+@dataclass
+class TensorLocation:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first data byte in the file
+    nbytes: int
+
+
+def safetensors_locations(reader: TensorReader) -> dict[str, TensorLocation]:
+    """Where each tensor's bytes lie in its shard, from the shard headers."""
+    locations = {}
+    for shard in reader.shards():
+        path = reader.model_dir / shard
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                locations[name] = TensorLocation(path, _SAFE_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + header_size + start, end - start)
+    return locations
+
+
+def read_tensor(location: TensorLocation) -> torch.Tensor:
+    """One tensor read with plain file reads: no memory map, so the file's pages never count as our memory."""
+    if not location.nbytes:
+        return torch.empty(location.shape, dtype=location.dtype)
+    buffer = bytearray(location.nbytes)
+    with open(location.path, "rb", buffering=0) as handle:
+        handle.seek(location.offset)
+        view, done = memoryview(buffer), 0
+        while done < location.nbytes:
+            count = handle.readinto(view[done:])
+            if not count:
+                raise LongctxError(f"{location.path} is truncated; re-save the model")
+            done += count
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(location.dtype).reshape(location.shape)
+
+
+def _write_all(file, data) -> None:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += file.write(view[done:])
+
+
 class StreamingSafetensorsWriter:
     """Write save_pretrained-style shards one tensor at a time, holding none of them.
 
     Every tensor's name, shape and dtype is given up front, so each shard's header (and
     the index) can be written before the data; `write` then appends each tensor's bytes
-    in the announced order. Files are complete and valid only after `close()`.
+    in the announced order, and `copy` appends an unchanged tensor straight from its source
+    file (in the kernel, without passing through our memory). Files are valid after `close()`.
     """
+
+    COPY_BLOCK = 64 * 1024**2
 
     def __init__(self, out_dir: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.out_dir = Path(out_dir)
@@ -498,7 +536,7 @@ class StreamingSafetensorsWriter:
         self.shards = _shard_layout(list(layout), self.nbytes, max_shard_bytes)
         count = len(self.shards)
         self.file_names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        self._order = [name for shard in self.shards for name in shard]
+        self.order = [name for shard in self.shards for name in shard]
         self._shard_starts = {shard[0] for shard in self.shards if shard}
         self._next = 0
         self._shard_index = -1
@@ -516,23 +554,43 @@ class StreamingSafetensorsWriter:
             offset += self.nbytes[name]
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._file = open(self.out_dir / self.file_names[self._shard_index], "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._file = open(self.out_dir / self.file_names[self._shard_index], "wb", buffering=0)
+        _write_all(self._file, struct.pack("<Q", len(encoded)) + encoded)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._order[self._next] if self._next < len(self._order) else None
-        shape, dtype = self.layout.get(name, (None, None))
-        if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} written out of the announced layout (expected {expected})")
+    def _start(self, name: str, shape, dtype: torch.dtype) -> None:
+        expected = self.order[self._next] if self._next < len(self.order) else None
+        if name != expected or (tuple(shape), dtype) != (tuple(self.layout[name][0]), self.layout[name][1]):
+            raise ValueError(f"tensor {name} {tuple(shape)} {dtype} written out of the announced layout (expected {expected})")
         if name in self._shard_starts:
             self._open_next_shard()
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
         self._next += 1
 
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._start(name, tensor.shape, tensor.dtype)
+        if tensor.numel():
+            _write_all(self._file, tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+    def copy(self, name: str, source: TensorLocation) -> None:
+        """Append a tensor's bytes unchanged from a safetensors file."""
+        self._start(name, source.shape, source.dtype)
+        with open(source.path, "rb", buffering=0) as handle:
+            offset, left = source.offset, source.nbytes
+            while left:
+                try:
+                    copied = os.copy_file_range(handle.fileno(), self._file.fileno(), min(left, self.COPY_BLOCK), offset)
+                except OSError:  # not supported between these files: copy through a buffer
+                    handle.seek(offset)
+                    block = handle.read(min(left, self.COPY_BLOCK))
+                    _write_all(self._file, block)
+                    copied = len(block)
+                if not copied:
+                    raise LongctxError(f"{source.path} is truncated; re-save the model")
+                offset += copied
+                left -= copied
+
     def close(self) -> list[str]:
-        if self._next != len(self._order):
-            raise ValueError(f"{len(self._order) - self._next} announced tensors were never written")
+        if self._next != len(self.order):
+            raise ValueError(f"{len(self.order) - self._next} announced tensors were never written")
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -650,9 +708,14 @@ def merge_adapters(
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
             writer = StreamingSafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes)
             bar = tqdm(total=sum(writer.nbytes.values()), unit="B", unit_scale=True, desc="merging", disable=not progress)
-            for name in writer._order:
+            locations = None if reader.is_pickle else safetensors_locations(reader)
+            for name in writer.order:
                 source, ops = plan.tensors[name]
-                tensor = reader.get(source)
+                if locations and not ops and locations[source].dtype == plan.dtypes[name] and source not in plan.base_copies:
+                    writer.copy(name, locations[source])  # unchanged: bytes go from file to file
+                    bar.update(writer.nbytes[name])
+                    continue
+                tensor = read_tensor(locations[source]) if locations else reader.get(source)
                 for adapter_name, copy in plan.base_copies.pop(source, []):
                     if not torch.equal(copy.to(tensor.dtype), tensor):
                         warning = (

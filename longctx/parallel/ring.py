@@ -157,7 +157,7 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
 
 
 def _ring_forward(q, k, v, doc_start, config: _RingConfig):
-    batch, heads, seq_local, _ = q.shape
+    seq_local = q.shape[2]
     out = lse = None
     q_index = _global_indices(seq_local, config.rank, config.world_size, q.device)
     k_cur, v_cur = k, v

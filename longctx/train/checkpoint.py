@@ -6,7 +6,7 @@ The checkpoint directory (default `<output>-checkpoints`) holds
     state-<global step>/         resumable: weights, optimizer, scheduler, data position, RNG
         model.safetensors        the trained module's full state (names as in the module)
         optimizer.pt             optimizer + scheduler state (loaded with weights_only=True)
-        rng.pt                   torch / python / numpy RNG states of every rank
+        rng.json                 torch / python / numpy (/ cuda) RNG states of every rank
         trainer_state.json       stage, step, data position, tokens seen, schedule so far
     latest.json                  which state-* directory is the newest complete one
     stage-<i>-<seq_len>/         a model directory (save_pretrained layout) at the end of stage i
@@ -88,13 +88,27 @@ def _unique_storage(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states as plain JSON values (no pickle in checkpoints)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), position, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def save_training_state(
@@ -126,7 +140,7 @@ def save_training_state(
             unique, aliases = _unique_storage(model_state)
             save_file(unique, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
             torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-            torch.save({"ranks": rngs}, tmp / "rng.pt")
+            write_json(tmp / "rng.json", {"ranks": rngs})
             write_json(tmp / "trainer_state.json", trainer_state)
         write_json(checkpoint_dir / LATEST, {"state": name})
         _prune(checkpoint_dir, keep)
@@ -176,7 +190,7 @@ def load_training_state(state_dir: Path, *, module, optimizer, scheduler, distri
     saved = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
     load_optimizer_state(module, optimizer, saved["optimizer"], distributed)
     scheduler.load_state_dict(saved["scheduler"])
-    rngs = torch.load(state_dir / "rng.pt", weights_only=False)["ranks"]  # our own file: python's RNG state is a tuple
+    rngs = read_json(state_dir / "rng.json")["ranks"]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
 
 

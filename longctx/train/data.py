@@ -82,15 +82,17 @@ def passkey_documents(tokenizer, seq_len: int, *, seed: int, loss: str = "all", 
     """Endless passkey documents of exactly seq_len tokens, built with the needle test's own prompts.
 
     Each is a `longctx needle --task passkey` prompt (instruction, haystack with the passkey
-    planted at a random depth, question, answer prefix) followed by the answer, so a model
+    planted at a random depth, question, answer prefix; in the chat template when the
+    tokenizer has one) followed by the answer, so a model
     trained on it is measured by the same prompts. loss="answer" makes only the answer a target.
     """
     from longctx.eval.haystacks import build_haystack, encode
-    from longctx.eval.prompts import PromptBuilder
+    from longctx.eval.prompts import PromptBuilder, detect_style
     from longctx.eval.tasks import Task
 
     task = Task("passkey")
-    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, haystack, seq_len), task.instruction, "raw")
+    style = detect_style(tokenizer, "auto")  # chat prompts for chat models, raw ones otherwise, as the needle test
+    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, haystack, seq_len), task.instruction, style)
     rng = random.Random(seed)
     while True:
         sample = task.sample(rng)

@@ -1,0 +1,183 @@
+"""How long a sequence one training step of SmolLM2-135M fits in CPU memory, and how fast it runs.
+
+Two ways to run one training step (forward + backward, float32, sdpa attention, one sequence):
+
+  transformers   the peer: `model(input_ids, labels=...)`, the stock causal-LM loss over full
+                 [seq, vocab] logits, no activation checkpointing
+  longctx        what `longctx train` runs: hidden states from `model.model`, chunked cross-entropy
+                 (loss_chunk_size 4096) and activation checkpointing of every decoder layer
+
+Each (way, length) runs in a fresh subprocess; a watchdog thread samples its RSS every 10 ms and
+kills it above --cap-gib (the machine is shared: we never go near 24 GiB). The peak RSS of the
+step minus the RSS before it is the step's memory. The longest length fitting in 24 GiB is
+extrapolated from the measured lengths with a least-squares fit of peak RSS = a + b*T + c*T^2
+(linear and quadratic terms: activations grow with T, and any attention workspace with T^2),
+then checked against the cap that was actually measured.
+
+    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/train_long.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+GIB = 1024**3
+WAYS = ("transformers", "longctx")
+BUDGET_GIB = 24.0
+
+
+def child(way: str, length: int, cap_gib: float) -> None:
+    """Run one training step and print {"rss_before", "rss_peak", "seconds"} as JSON."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longctx.models import resolve_model
+    from longctx.train.loss import CausalLMLoss
+
+    torch.manual_seed(0)
+    process = psutil.Process()
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.train()
+    module = model
+    if way == "longctx":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        module = CausalLMLoss(model, chunk_size=4096)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, length))
+    positions = torch.arange(length).unsqueeze(0)
+    labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
+
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            rss = process.memory_info().rss
+            peak[0] = max(peak[0], rss)
+            if rss > cap_gib * GIB:
+                print(json.dumps({"capped": True, "rss_peak": rss}), flush=True)
+                os._exit(3)
+            time.sleep(0.01)
+
+    rss_before = process.memory_info().rss
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    if way == "longctx":
+        loss_sum, count = module(input_ids=input_ids, position_ids=positions, labels=labels)
+        (loss_sum / count).backward()
+    else:
+        model(input_ids=input_ids, labels=input_ids, position_ids=positions, use_cache=False).loss.backward()
+    seconds = time.perf_counter() - started
+    done.set()
+    thread.join()
+    print(json.dumps({"rss_before": rss_before, "rss_peak": peak[0], "seconds": seconds}), flush=True)
+
+
+def measure(way: str, length: int, cap_gib: float, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, __file__, "--child", way, str(length), "--cap-gib", str(cap_gib)],
+                            capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{way} at {length} failed: {result.stderr[-2000:]}")
+    record = json.loads(lines[-1])
+    record.update(way=way, length=length)
+    return record
+
+
+def fit_max_length(points: list[tuple[int, float]], budget_bytes: float) -> int | None:
+    """Largest T with a + b*T + c*T^2 <= budget, from a least-squares fit of (T, peak bytes)."""
+    import numpy as np
+
+    lengths = np.array([p[0] for p in points], dtype=float)
+    peaks = np.array([p[1] for p in points], dtype=float)
+    degree = 2 if len(points) >= 3 else 1
+    coefficients = np.polyfit(lengths, peaks, degree)
+    coefficients = np.where(np.abs(coefficients) < 1e-12, 0.0, coefficients)
+    if degree == 2 and coefficients[0] < 0:  # noise made it concave: fall back to a line
+        coefficients = np.concatenate([[0.0], np.polyfit(lengths, peaks, 1)])
+    roots = np.roots(np.concatenate([coefficients[:-1], [coefficients[-1] - budget_bytes]]))
+    real = [r.real for r in roots if abs(r.imag) < 1e-6 and r.real > 0]
+    return int(min(real)) if real else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=2, metavar=("WAY", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-lengths", default="512,1024,2048,4096", help="lengths whose peak RSS is measured")
+    parser.add_argument("--speed-lengths", default="4096,8192", help="lengths whose tokens/s is measured")
+    parser.add_argument("--cap-gib", type=float, default=12.0, help="kill a measurement above this RSS")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.cap_gib)
+        return 0
+
+    import torch
+
+    memory_lengths = [int(x) for x in args.memory_lengths.split(",")]
+    speed_lengths = [int(x) for x in args.speed_lengths.split(",")]
+    records = {}
+    for length in sorted(set(memory_lengths) | set(speed_lengths)):
+        for way in WAYS:
+            if records.get((way, length // 2), {}).get("capped"):
+                records[(way, length)] = {"capped": True, "way": way, "length": length}
+                continue
+            record = measure(way, length, args.cap_gib, args.threads)
+            records[(way, length)] = record
+            print(json.dumps(record), flush=True)
+
+    print(f"\nSmolLM2-135M, one training step (forward + backward), float32, 1 sequence, CPU "
+          f"({os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads), no GPU")
+    print("\n| length | transformers peak RSS (GiB) | longctx peak RSS (GiB) | ratio | transformers s | longctx s |")
+    print("|---|---|---|---|---|---|")
+    for length in sorted({length for _, length in records}):
+        peer, ours = records[("transformers", length)], records[("longctx", length)]
+
+        def gib(record):
+            return "capped" if record.get("capped") else f"{record['rss_peak'] / GIB:.2f}"
+
+        def sec(record):
+            return "-" if record.get("capped") else f"{record['seconds']:.1f}"
+
+        ratio = "-" if peer.get("capped") or ours.get("capped") else f"{peer['rss_peak'] / ours['rss_peak']:.2f}x"
+        print(f"| {length} | {gib(peer)} | {gib(ours)} | {ratio} | {sec(peer)} | {sec(ours)} |")
+
+    summary = {}
+    print(f"\nlongest sequence in {BUDGET_GIB:.0f} GiB (fit of peak RSS over the measured lengths):")
+    for way in WAYS:
+        points = [(length, r["rss_peak"]) for (w, length), r in records.items() if w == way and not r.get("capped")]
+        longest = fit_max_length(points, BUDGET_GIB * GIB) if len(points) >= 2 else None
+        summary[way] = longest
+        print(f"  {way}: {longest:,} tokens" if longest else f"  {way}: not enough points")
+    if summary.get("transformers") and summary.get("longctx"):
+        print(f"  ratio longctx / transformers: {summary['longctx'] / summary['transformers']:.1f}x")
+
+    def speed(record: dict, length: int) -> str:
+        return "capped" if record.get("capped") else f"{length / record['seconds']:.0f}"
+
+    print("\ntokens/s (one step):")
+    print("| length | transformers | longctx | ratio longctx/transformers |\n|---|---|---|---|")
+    for length in speed_lengths:
+        peer, ours = records[("transformers", length)], records[("longctx", length)]
+        if peer.get("capped") or ours.get("capped"):
+            print(f"| {length} | {speed(peer, length)} | {speed(ours, length)} | - |")
+            continue
+        print(f"| {length} | {length / peer['seconds']:.0f} | {length / ours['seconds']:.0f} | "
+              f"{peer['seconds'] / ours['seconds']:.2f}x |")
+    print(json.dumps({"max_tokens_24gib": summary,
+                      "tokens_per_s": {str(l): {w: (None if records[(w, l)].get("capped") else l / records[(w, l)]["seconds"])
+                                                for w in WAYS} for l in speed_lengths}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

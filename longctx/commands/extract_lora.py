@@ -1,0 +1,129 @@
+"""`longctx extract-lora BASE EXTENDED`: the difference between two models as a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+from longctx.commands._args import add_output_arguments, formatter
+
+DESCRIPTION = """\
+Extract what EXTENDED (a long-context fine-tune) learned on top of BASE as a LoRA adapter,
+so that `merge-adapters` can give the same ability to any sibling fine-tune of BASE.
+
+Tensors are paired by name and streamed one pair at a time (peak memory is set by the
+largest matrix, not by the model). Each changed linear layer's delta dW is factored as
+B @ A by a randomized SVD (exact SVD when the rank is close to the matrix size), with
+lora_alpha = r so PEFT's scaling is 1. The rank is fixed (--rank) or chosen per module as
+the smallest keeping a fraction of dW's energy sum(s^2) (--energy, capped by --max-rank).
+Embeddings and lm_head go to modules_to_save at full rank by default; changed norms too;
+bias deltas become lora_B.bias. Unchanged modules are left out; anything changed that the
+adapter cannot carry is listed as skipped.
+
+Written to --output: adapter_config.json and adapter_model.safetensors (load them with
+PeftModel.from_pretrained(base, DIR)), longctx.json (EXTENDED's rope_parameters and
+max_position_embeddings, which merge-adapters applies to the merged config) and
+extraction_report.json (per module: rank, retained energy, relative error ||dW-BA||/||dW||).
+--engine mergekit runs mergekit-extract-lora instead and adds the same sidecar and report."""
+
+EPILOG = """\
+examples:
+  longctx extract-lora llama-3-8b-instruct/ llama-3-8b-instruct-1m/ --output out/long-lora --rank 64
+  longctx extract-lora BASE EXTENDED --output out/long-lora --energy 0.9 --max-rank 512
+  longctx extract-lora BASE EXTENDED --output out/attn-lora --rank 128 --target-modules q_proj k_proj v_proj o_proj
+  longctx extract-lora BASE EXTENDED --output out/long-lora --embeddings lora --dtype bfloat16 --device cuda
+  longctx extract-lora BASE EXTENDED --output out/mk-lora --rank 32 --engine mergekit
+  longctx merge-adapters --base_model_name_or_path OTHER --peft_model_paths out/long-lora --output_dir out/other-long
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "extract-lora",
+        help="the difference between a base model and its long-context fine-tune as a LoRA adapter",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    parser.add_argument("base", metavar="BASE", help="the base model: directory, .gguf file, hub id or smollm2-135m")
+    parser.add_argument("extended", metavar="EXTENDED", help="its fine-tune (same architecture) whose difference to extract")
+    add_output_arguments(parser)
+    rank = parser.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, metavar="R",
+                      help="the same rank for every module (default: 64 when --energy is not given)")
+    rank.add_argument("--energy", type=float, metavar="E",
+                      help="per module, the smallest rank keeping this fraction of the delta's energy, in (0, 1], e.g. 0.9")
+    parser.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
+    parser.add_argument("--target-modules", nargs="+", metavar="NAME",
+                        help="linear layers to decompose, by name or last name segment (default: every linear layer)")
+    parser.add_argument("--embeddings", choices=("full", "lora", "skip"), default="full",
+                        help="embeddings and lm_head: full-rank copies in modules_to_save, LoRA factors, "
+                        "or left out (default: %(default)s)")
+    parser.add_argument("--vocab-policy", choices=("error", "keep-base"), default="error",
+                        help="when vocabulary sizes differ: stop, or keep BASE's vocabulary and drop EXTENDED's "
+                        "extra rows (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the LoRA factors; full-rank copies keep EXTENDED's dtype (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda",
+                        help="where the factorization runs (default: %(default)s)")
+    parser.add_argument("--engine", choices=("longctx", "mergekit"), default="longctx",
+                        help="longctx (streaming randomized SVD) or mergekit-extract-lora (its exact numbers) "
+                        "(default: %(default)s)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pytorch_model*.bin checkpoints (pickle can run code: only for trusted files)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketch (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from longctx.lora.extract import extract_lora, extract_lora_with_mergekit
+
+    common = dict(
+        rank=args.rank, energy=args.energy, max_rank=args.max_rank, target_modules=args.target_modules,
+        embeddings=args.embeddings, device=args.device, overwrite=args.overwrite, show_progress=not args.no_progress,
+    )
+    if args.engine == "mergekit":
+        report = extract_lora_with_mergekit(
+            args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
+            allow_pickle=args.allow_pickle, seed=args.seed, **common,
+        )
+    else:
+        report = extract_lora(
+            args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
+            allow_pickle=args.allow_pickle, seed=args.seed, **common,
+        )
+    print(format_summary(report))
+    return 0
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def format_summary(report: dict) -> str:
+    summary = report["summary"]
+    counts = summary["modules"]
+    lora = counts["lora"] + counts["lora_embedding"]
+    ranks = f"rank {summary['rank_min']}" if summary["rank_min"] == summary["rank_max"] else (
+        f"ranks {summary['rank_min']}-{summary['rank_max']}, mean {summary['rank_mean']}")
+    lines = [
+        f"extract-lora ({report['engine']}): {lora} LoRA modules ({ranks}), {counts['modules_to_save']} full-rank "
+        f"(modules_to_save), {counts['skipped']} skipped, {counts['unchanged']} unchanged",
+        f"relative error ||dW - BA|| / ||dW||: mean {summary['relative_error_mean']:.3g}, "
+        f"max {summary['relative_error_max']:.3g}",
+    ]
+    decomposed = [m for m in report["modules"] if m.get("relative_error") is not None]
+    if decomposed:
+        worst = max(decomposed, key=lambda m: m["relative_error"])
+        lines.append(f"  worst: {worst['module']} (rank {worst['rank']}, error {worst['relative_error']:.3g})")
+    skipped = [m for m in report["modules"] if m["kind"] == "skipped"]
+    for module in skipped[:5]:
+        lines.append(f"  skipped: {module['module']}: {module['reason']}")
+    if len(skipped) > 5:
+        lines.append(f"  ... {len(skipped) - 5} more skipped (see the report)")
+    lines.append(f"adapter: {report['output']} ({_size(summary['adapter_bytes'])}) in {summary['seconds']:.1f} s")
+    lines.append(f"report:  {report['output']}/extraction_report.json; rope settings of EXTENDED in longctx.json")
+    return "\n".join(lines)
