@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 
 from longctx.lora.extract import measure_adapter
-from longctx.models import ShardedSafetensorsWriter, TensorReader, copy_auxiliary_files, read_json, resolve_model, write_json
+from longctx.models import (
+    ShardedSafetensorsWriter,
+    TensorReader,
+    copy_auxiliary_files,
+    link_or_copy,
+    read_json,
+    resolve_model,
+    write_json,
+)
 from longctx.rope.config import apply_rope_settings
 
 VENV_BIN = Path(sys.executable).parent
@@ -62,6 +70,21 @@ def _partial_dir(out_dir: Path) -> tuple[Path, ShardedSafetensorsWriter]:
     return tmp, ShardedSafetensorsWriter(tmp, max_shard_bytes=1 << 30)
 
 
+def with_architectures(model_dir: Path, link_dir: Path) -> Path:
+    """mergekit needs config.architectures, which a GGUF-converted config lacks: give it a
+    hard-linked copy of the model whose config names the architecture (the weights are the same files)."""
+    config = read_json(model_dir / "config.json")
+    if config.get("architectures"):
+        return model_dir
+    if not (link_dir / "config.json").is_file():
+        link_dir.mkdir(parents=True, exist_ok=True)
+        for file in model_dir.iterdir():
+            if file.is_file() and file.name != "config.json":
+                link_or_copy(file, link_dir / file.name)
+        write_json(link_dir / "config.json", {**config, "architectures": ["LlamaForCausalLM"]})
+    return link_dir
+
+
 def make_extended(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     """EXTENDED = BASE + structured deltas on the projections, streamed tensor by tensor."""
     if (out_dir / "config.json").is_file():
@@ -78,8 +101,8 @@ def make_extended(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     writer.close()
     config = read_json(base_dir / "config.json")
     original = config["max_position_embeddings"]
-    rope = {"rope_type": "yarn", "rope_theta": config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0)),
-            "factor": 4.0, "original_max_position_embeddings": original}
+    theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    rope = {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0, "original_max_position_embeddings": original}
     write_json(tmp / "config.json", apply_rope_settings(config, rope, 4 * original))
     copy_auxiliary_files(base_dir, tmp)
     tmp.rename(out_dir)
@@ -178,7 +201,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", choices=("smollm2", "llama1b", "both"), default="both")
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--llama-layers", type=int, default=16, help="layers of the Llama-3.2-1B-shaped pair (16 = the real depth)")
+    parser.add_argument("--llama-layers", type=int, default=16,
+                        help="layers of the Llama-3.2-1B-shaped pair (16 = the real depth)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/longctx-bench-extract"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -186,8 +210,8 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
     if args.pair in ("smollm2", "both"):
-        base = resolve_model("smollm2-135m")
-        extended = make_extended(base, args.workdir / "smollm2-extended-synthetic")
+        base = with_architectures(resolve_model("smollm2-135m"), args.workdir / "smollm2-base")
+        extended = make_extended(base, args.workdir / "smollm2-extended-synthetic-v2")
         results.append(bench_pair("smollm2-135m (synthetic delta)", base, extended, args.rank, "float32", args.workdir))
         print_table(results[-1])
     if args.pair in ("llama1b", "both"):

@@ -14,6 +14,7 @@ from longctx.errors import LongctxError
 from longctx.lora.extract import REPORT_FILE, extract_lora, extract_lora_with_mergekit
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+YARN_X4 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
 
 
 def load(path):
@@ -40,7 +41,7 @@ def make_extended(base_dir, out_dir, *, delta_rank=3, scale=0.05, seed=1, norm=F
         if embeddings:
             model.model.embed_tokens.weight += 0.02 * torch.randn(model.model.embed_tokens.weight.shape, generator=generator)
     if rope:
-        model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+        model.config.rope_parameters = dict(YARN_X4)
         model.config.max_position_embeddings = 1024
     model.save_pretrained(out_dir, **save_kwargs)
     return out_dir
@@ -205,7 +206,7 @@ def test_sidecar_carries_extended_rope_settings(pair, tmp_path):
     sidecar = json.loads((tmp_path / "adapter" / "longctx.json").read_text())
     assert sidecar["kind"] == "lora-adapter"
     assert sidecar["max_position_embeddings"] == 1024
-    assert sidecar["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+    assert sidecar["rope_parameters"] == YARN_X4
     assert sidecar["report_file"] == REPORT_FILE
     assert sidecar["base_model"] == str(base) and sidecar["extended_model"] == str(extended)
 
@@ -345,8 +346,11 @@ def test_real_default_model_round_trip(default_model_dir, tmp_path):
     writer = ShardedSafetensorsWriter(extended, max_shard_bytes=200 * 1024**2)
     with TensorReader(default_model_dir) as reader:
         for name, tensor in reader.iter_tensors():
-            if name.startswith(("model.layers.0.", "model.layers.7.")) and name.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")):
-                tensor = tensor + 0.02 * torch.randn(tensor.shape[0], 4, generator=generator) @ torch.randn(4, tensor.shape[1], generator=generator)
+            changed = name.startswith(("model.layers.0.", "model.layers.7.")) and name.endswith(
+                ("q_proj.weight", "v_proj.weight", "down_proj.weight"))
+            if changed:
+                left = torch.randn(tensor.shape[0], 4, generator=generator)
+                tensor = tensor + 0.02 * left @ torch.randn(4, tensor.shape[1], generator=generator)
             writer.add(name, tensor)
     writer.close()
     config = read_json(default_model_dir / "config.json")

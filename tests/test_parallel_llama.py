@@ -5,7 +5,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longctx.parallel import pad_for_zigzag, sequence_parallel_loss, shard_for_sequence_parallel, shift_labels
+from longctx.parallel import (
+    pad_for_zigzag,
+    sequence_parallel_loss,
+    set_sequence_parallel_group,
+    shard_for_sequence_parallel,
+    shift_labels,
+)
 from test_parallel_ring import run_ranks
 
 
@@ -34,9 +40,9 @@ def _reference(model, input_ids, labels, documents):
     return loss.detach(), grads
 
 
-def _check_llama(rank, world_size, batch, length, documents):
+def _check_llama(rank, world_size, batch, length, documents, group=None, seed=0):
     model = _model()
-    generator = torch.Generator().manual_seed(length)
+    generator = torch.Generator().manual_seed(length + seed)
     input_ids = torch.randint(3, 259, (batch, length), generator=generator)
     labels = input_ids.clone()
     labels[:, :5] = -100  # e.g. a prompt without loss
@@ -49,12 +55,12 @@ def _check_llama(rank, world_size, batch, length, documents):
     )
     model.set_attn_implementation("longctx_ring")
     logits = model(shard["input_ids"], position_ids=shard["position_ids"], use_cache=False).logits
-    loss = sequence_parallel_loss(logits, shard["shift_labels"])
+    loss = sequence_parallel_loss(logits, shard["shift_labels"], group=group)
     loss.backward()
     torch.testing.assert_close(loss.detach(), expected_loss, rtol=0, atol=1e-5)
     for name, parameter in model.named_parameters():
         grad = parameter.grad.clone()
-        dist.all_reduce(grad)  # the sequence's gradient is the sum of the ranks' shares
+        dist.all_reduce(grad, group=group)  # the sequence's gradient is the sum of the ranks' shares
         torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-5, msg=name)
 
 
@@ -66,6 +72,16 @@ def _check_all(rank, world_size):
 
 def test_llama_forward_backward_two_ranks():
     run_ranks(2, _check_all)
+
+
+def _check_two_rings(rank, world_size):
+    rings = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    set_sequence_parallel_group(rings[rank // 2])  # what longctx_ring rings over
+    _check_llama(rank % 2, 2, batch=1, length=64, documents=[30, 34], group=rings[rank // 2], seed=rank // 2)
+
+
+def test_llama_on_two_rings_of_two_ranks():
+    run_ranks(4, _check_two_rings)
 
 
 

@@ -53,9 +53,9 @@ def reference_attention(q, k, v, causal=True, documents=None):
     return torch.cat(pieces, dim=2).transpose(1, 2)
 
 
-def gather_unshard(local, world_size):
+def gather_unshard(local, world_size, group=None):
     parts = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(parts, local.contiguous())
+    dist.all_gather(parts, local.contiguous(), group=group)
     return zigzag_unshard(parts)
 
 
@@ -73,11 +73,11 @@ CASES = [
 ]
 
 
-def _check_cases(rank, world_size, cases):
+def _check_cases(rank, world_size, cases, group=None, seed=0):
     for seq, heads, kv_heads, dim, dtype, backend, causal, documents in cases:
         if seq % (2 * world_size):
             continue
-        generator = torch.Generator().manual_seed(seq * 100 + heads)
+        generator = torch.Generator().manual_seed(seq * 100 + heads + seed)
         q, k, v = (torch.randn(2, seq, h, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
         grad_out = torch.randn(2, seq, heads, dim, generator=generator)
         # float32 reference from the same (rounded) inputs
@@ -89,15 +89,16 @@ def _check_cases(rank, world_size, cases):
         position_ids = None
         if documents is not None:
             position_ids = zigzag_shard(torch.cat([torch.arange(n) for n in documents])[None], rank, world_size)
-        out = ring_attention(*local, causal=causal, backend=backend, position_ids=position_ids)
+        out = ring_attention(*local, group=group, causal=causal, backend=backend, position_ids=position_ids)
         out.backward(zigzag_shard(grad_out.to(dtype), rank, world_size))
 
         tolerance = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
         label = f"seq={seq} heads={heads}/{kv_heads} dtype={dtype} backend={backend} causal={causal} docs={documents}"
         assert out.dtype == dtype, label
-        torch.testing.assert_close(gather_unshard(out, world_size).float(), expected, rtol=0, atol=tolerance, msg=label)
+        torch.testing.assert_close(gather_unshard(out, world_size, group).float(), expected, rtol=0, atol=tolerance,
+                                   msg=label)
         for tensor, name, full_tensor in zip(local, "qkv", full):
-            torch.testing.assert_close(gather_unshard(tensor.grad, world_size).float(), full_tensor.grad,
+            torch.testing.assert_close(gather_unshard(tensor.grad, world_size, group).float(), full_tensor.grad,
                                        rtol=0, atol=tolerance * 2, msg=f"d{name} {label}")
 
 
@@ -126,3 +127,13 @@ def _check_errors(rank, world_size):
 
 def test_errors_and_group_of_one():
     run_ranks(2, _check_errors)
+
+
+def _check_two_rings(rank, world_size):
+    # ranks {0, 1} and {2, 3}: two rings side by side (sequence parallel x data parallel), each its own sequence
+    rings = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    _check_cases(rank % 2, 2, CASES[:2] + CASES[-2:], group=rings[rank // 2], seed=rank // 2)
+
+
+def test_rings_on_subgroups():
+    run_ranks(4, _check_two_rings)

@@ -211,7 +211,8 @@ def heatmap_title(summary: dict) -> str:
     settings = summary["settings"]
     task = settings["task"] + (f" ({settings['value_type']})" if settings["task"] not in ("passkey", "needle") else "")
     return (
-        f"{summary['model']} - {task}, haystack {settings['haystack']}, {settings['scoring']} scoring, "
+        f"{summary['model']} - {task}, haystack {settings['haystack']}, {summary.get('prompt_style', settings['prompt'])} "
+        f"prompt, {settings['scoring']} scoring, "
         f"{summary['samples_per_cell']} sample(s)/cell\nmean {summary['mean_score']}, "
         f"effective length {length_label(summary['effective_length']) if summary['effective_length'] else 'none'} "
         f"(>= {summary['threshold']})"
@@ -260,7 +261,7 @@ def run_grid(
         bar.set_postfix_str(f"L={length_label(length)} depth={depth:g} mean={sum(scores) / len(scores):.2f}")
     bar.close()
     summary = summarize(done_rows, plan, settings, model_name, time.perf_counter() - started)
-    summary["prompt_style"] = settings.prompt
+    summary["prompt_style"] = evaluator.style
     summary["model_path"] = str(model_dir)
     write_summary(output, summary)
     return summary

@@ -23,14 +23,17 @@ PROMPT_STYLES = ("auto", "chat", "raw")
 CONTEXT_MARK = "\x00CONTEXT\x00"
 
 
-def detect_style(tokenizer, style: str = "auto") -> str:
+def detect_style(tokenizer, style: str = "auto", task: str | None = None) -> str:
+    """auto: the chat template when the tokenizer has one, except for the passkey task, which is
+    the raw-text completion test by definition (Landmark Attention, YaRN). On SmolLM2-135M-Instruct
+    at 2K tokens the chat-wrapped passkey prompt scored 0.7 against 1.0 for the raw one."""
     if style not in PROMPT_STYLES:
         raise LongctxError(f"unknown prompt style {style!r}: choose one of {', '.join(PROMPT_STYLES)}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if style == "chat" and not has_template:
         raise LongctxError("--prompt chat needs a tokenizer with a chat template; this one has none, use --prompt raw")
     if style == "auto":
-        return "chat" if has_template else "raw"
+        return "chat" if has_template and task != "passkey" else "raw"
     return style
 
 

@@ -76,7 +76,7 @@ class Evaluator:
             raise LongctxError(f"unknown scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.scoring, self.seed = scoring, seed
-        self.style = detect_style(tokenizer, prompt_style)
+        self.style = detect_style(tokenizer, prompt_style, task.name)
         self.prefix_reuse = prefix_reuse and prefix_reuse_supported(model.config)
         if prefix_reuse and not self.prefix_reuse:
             log.warning(
@@ -146,8 +146,8 @@ def passkey_accuracy(
 
     Without `depths`, the num_samples probes are spread over evenly spaced depths (0 to 100%,
     one probe each); with `depths`, every depth gets num_samples probes. The prompt is the raw
-    one for tokenizers without a chat template (tiny test models) and the chat one otherwise.
-    The haystack KV prefix is reused across probes unless the rope type forbids it.
+    text of the classic passkey test (as in `longctx train`'s synthetic passkey data) for every
+    model. The haystack KV prefix is reused across probes unless the rope type forbids it.
     """
     if depths is None:
         cells = [(depth, 0) for depth in evenly_spaced_depths(num_samples)]

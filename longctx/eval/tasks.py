@@ -32,7 +32,10 @@ GKAMRADT_QUESTION = "What is the best thing to do in San Francisco?"
 GKAMRADT_ANSWER_PREFIX = "The best thing to do in San Francisco is"
 GKAMRADT_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day."
 
-PASSKEY_INSTRUCTION = "A pass key is hidden in the text below. Find it and remember it."
+PASSKEY_INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
 NEEDLE_INSTRUCTION = "Read the following text carefully. I will ask you a question about it afterwards."
 
 # Keys and word values: adjective-noun pairs, as RULER draws with wonderwords (3,600 pairs here).

@@ -96,13 +96,16 @@ class LoraFactors:
         return (in_dim, out_dim) if self.transposed else (out_dim, in_dim)
 
 
-def add_lora_delta_(target: torch.Tensor, factors: LoraFactors, weight: float = 1.0) -> torch.Tensor:
-    """target += weight * scaling * B @ A (transposed for embeddings and fan_in_fan_out), in place, in one pass."""
-    A = factors.A.to(target.device, torch.float32)
-    B = factors.B.to(target.device, torch.float32)
-    if factors.transposed:
-        return target.addmm_(A.T, B.T, alpha=weight * factors.scaling)
-    return target.addmm_(B, A, alpha=weight * factors.scaling)
+def add_lora_deltas_(target: torch.Tensor, terms: list[tuple[float, LoraFactors]]) -> torch.Tensor:
+    """target += Σ w * scaling * B @ A over terms of one layout, in place, in one pass over target.
+
+    The factors are stacked (A: [w s A_i], B: [B_i]) so one matmul adds every delta: the
+    target is read and written once, however many adapters touch it."""
+    A = torch.cat([factors.A.to(target.device, torch.float32) * (weight * factors.scaling) for weight, factors in terms])
+    B = torch.cat([factors.B.to(target.device, torch.float32) for _, factors in terms], dim=1)
+    if terms[0][1].transposed:  # embeddings and fan_in_fan_out: (B A)^T = A^T B^T
+        return target.addmm_(A.T, B.T)
+    return target.addmm_(B, A)
 
 
 @dataclass
@@ -442,15 +445,28 @@ def plan_merge(
 
 
 def apply_ops(base: torch.Tensor, ops: list[Op], *, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Run a tensor's ops in float32 on device; returns a float32 CPU tensor (the caller casts once)."""
-    result = base.to(device, torch.float32, copy=True)
+    """Run a tensor's ops in float32 on device; returns a float32 CPU tensor (the caller casts once).
+    base may be changed in place."""
+    result = base.to(device, torch.float32)
+    pending: list[tuple[float, LoraFactors]] = []  # consecutive deltas of one layout, added together
+
+    def flush() -> None:
+        if pending:
+            add_lora_deltas_(result, pending)
+            pending.clear()
+
     for op in ops:
+        if op.factors is not None:
+            if pending and pending[0][1].transposed != op.factors.transposed:
+                flush()
+            pending.append((op.weight, op.factors))
+            continue
+        flush()
         if op.kind == "set":
             result = op.tensor.to(device, torch.float32, copy=True)
-        elif op.factors is not None:
-            add_lora_delta_(result, op.factors, op.weight)
         else:
             result.add_(op.tensor.to(device), alpha=op.weight)
+    flush()
     return result.cpu()
 
 
