@@ -150,16 +150,26 @@ def warm_cache(*directories: Path) -> None:
                         pass
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_measured(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of one subprocess."""
+    """(wall seconds, peak RSS in GiB) of one subprocess.
+
+    Peak RSS comes from GNU time, which forks the command from its own small process: the
+    ru_maxrss that wait4 reports for a direct child of this (large) Python process keeps the
+    parent's RSS at fork time across exec, and would inflate small figures."""
+    measured = [GNU_TIME, "-f", "maxrss_kb=%M", *command] if os.path.exists(GNU_TIME) else command
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(measured, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     stderr = process.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{command[:4]} failed:\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024**2
+    reported = [line for line in stderr.splitlines() if line.startswith("maxrss_kb=")]
+    kilobytes = int(reported[-1].split("=")[1]) if reported else usage.ru_maxrss
+    return seconds, kilobytes / 1024**2
 
 
 def bench_case(label: str, base_dir: Path, adapters: list[Path], work: Path, repeats: int) -> dict:

@@ -304,21 +304,19 @@ def test_allow_pickle_links_pickle_weights(tmp_path, capsys):
     assert (output / "pytorch_model.bin").is_file()
 
 
-def test_train_file_is_checked_first(tiny_llama, tmp_path, capsys):
+@pytest.mark.parametrize("problem", ["missing file", "training unavailable"])
+def test_train_problems_are_caught_before_anything_is_written(tiny_llama, tmp_path, capsys, monkeypatch, problem):
+    config = tmp_path / "train.yaml"
+    if problem == "missing file":
+        message = "train.yaml not found"
+    else:
+        monkeypatch.setitem(sys.modules, "longctx.train.api", None)  # importing it raises ImportError
+        config.write_text("steps: 1\n")
+        message = "training is unavailable"
     output = tmp_path / "out"
     status, err = run_cli(["extend", "--model", str(tiny_llama), "--target-len", "1k", "--output", str(output),
-                           "--train", str(tmp_path / "missing.yaml")], capsys)
-    assert status == 2 and "missing.yaml not found" in err
-    assert_nothing_written(output)
-
-
-def test_train_unavailable_is_a_clean_error(tiny_llama, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "longctx.train.api", None)  # importing it raises ImportError
-    (tmp_path / "train.yaml").write_text("steps: 1\n")
-    output = tmp_path / "out"
-    status, err = run_cli(["extend", "--model", str(tiny_llama), "--target-len", "1k", "--output", str(output),
-                           "--train", str(tmp_path / "train.yaml")], capsys)
-    assert status == 2 and "training is unavailable" in err
+                           "--train", str(config)], capsys)
+    assert status == 2 and message in err
     assert_nothing_written(output)
 
 

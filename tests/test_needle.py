@@ -12,7 +12,7 @@ from longctx.errors import LongctxError
 from longctx.eval import Evaluator, passkey_accuracy
 from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, prefill
 from longctx.eval.haystacks import build_haystack, encode, load_haystack_text
-from longctx.eval.prompts import PromptBuilder, assemble_prompt, needle_depths
+from longctx.eval.prompts import PromptBuilder, assemble_prompt, detect_style, needle_depths
 from longctx.eval.tasks import TASKS, Task, first_integer_match, keyword_recall, score_answer, string_match_all
 
 
@@ -83,6 +83,11 @@ def test_chat_prompt_puts_answer_prefix_after_assistant_header():
     text = tokenizer.decode(builder.build(sample, 400, 50).ids)
     assert text.startswith("<|im_start|>user\n" + task.instruction + "\nThe grass is green.")
     assert text.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    assert detect_style(tokenizer, "auto", "single") == "chat"
+    assert detect_style(tokenizer, "auto", "passkey") == "raw"  # the classic passkey test is a raw completion
+    assert detect_style(make_tokenizer(), "auto", "single") == "raw"
+    with pytest.raises(LongctxError, match="has none"):
+        detect_style(make_tokenizer(), "chat")
 
 
 def test_bad_inputs_are_refused(tmp_path):

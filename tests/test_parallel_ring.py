@@ -111,7 +111,7 @@ def _check_errors(rank, world_size):
     torch.manual_seed(rank)
     # an odd local length cannot be two zigzag chunks: every rank gets the same clear error
     with pytest.raises(LongctxError, match="pad_for_zigzag"):
-        ring_attention(*(torch.randn(1, 7, 2, 8) for _ in range(3)))
+        ring_attention(*(torch.randn(1, 7, 2, 8) for _ in range(3)), position_ids=torch.arange(7)[None])
     # ranks holding shards of different lengths
     seq = 8 if rank == 0 else 12
     with pytest.raises(LongctxError, match="differ across ranks"):

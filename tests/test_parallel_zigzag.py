@@ -123,6 +123,9 @@ def test_ring_flash_attn_backend_needs_flash_attn_and_auto_picks_torch():
 
 def test_bad_local_shapes_are_refused():
     q, k, v = _qkv(3)
+    packed = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with pytest.raises(LongctxError, match="causal attention only"):
+        ring_attention(q, k, v, causal=False, position_ids=packed)
     with pytest.raises(LongctxError, match="do not match"):
         ring_attention(q, k[:, :20], v)
     with pytest.raises(LongctxError, match="multiple"):

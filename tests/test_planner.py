@@ -5,6 +5,7 @@ import json
 import pytest
 
 from longctx.cli import main
+from longctx.commands import plan as plan_command
 from longctx.errors import LongctxError
 from longctx.rope.methods import ntk_base
 from longctx.rope.planner import (
@@ -163,8 +164,10 @@ def test_plan_llama3_8b_to_1m_is_gradient_like():
 
 
 def test_plan_options_and_errors():
-    result = plan(LLAMA3_8B, 65536, stages=2, steps_per_stage=10, tokens_per_step=100000, beta_fast=16)
-    assert result.method == DEFAULT_METHOD == "yarn"
+    assert DEFAULT_METHOD == plan_command.DEFAULT_METHOD == "ntk"  # the CLI keeps its own copy for a fast --help
+    assert METHODS == plan_command.METHODS
+    assert plan(LLAMA3_8B, 65536).method == DEFAULT_METHOD
+    result = plan(LLAMA3_8B, 65536, "yarn", stages=2, steps_per_stage=10, tokens_per_step=100000, beta_fast=16)
     assert [stage.seq_len for stage in result.stages] == [22528, 65536]
     assert [stage.tokens_per_step for stage in result.stages] == [90112, 131072]
     assert all(stage.rope["rope_parameters"]["beta_fast"] == 16 for stage in result.stages)
@@ -188,9 +191,9 @@ def test_cli_plan_table(llama3_8b_dir, capsys):
     assert main(["plan", "--model", str(llama3_8b_dir), "--target-len", "1m", "--method", "scaling-law"]) == 0
     out = capsys.readouterr().out
     assert "3580165449" in out and "1048576" in out and "65536" in out
-    assert main(["plan", "--model", str(llama3_8b_dir), "--target-len", "128K", "--stages", "3"]) == 0
+    assert main(["plan", "--model", str(llama3_8b_dir), "--target-len", "128K", "--stages", "3", "--method", "yarn"]) == 0
     out = capsys.readouterr().out
-    assert "yarn" in out and "131072" in out
+    assert "yarn x16 from 8192" in out and "131072" in out
 
 
 def test_cli_plan_errors(llama3_8b_dir, tmp_path, capsys):

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from longctx.commands._args import add_model_argument, add_output_arguments, formatter, token_count
-from longctx.commands.plan import DEFAULT_METHOD, METHODS
+from longctx.commands._args import add_output_arguments, formatter
+from longctx.commands.plan import add_model_target_method_arguments
 from longctx.errors import LongctxError
 
 DESCRIPTION = """\
@@ -21,9 +21,10 @@ filesystems): nothing else is rewritten, so an 8B model extends in seconds. The 
 loads with AutoModelForCausalLM as is. Do not save over the output in place: its shards
 are the source model's files.
 
-The default method is yarn: of the training-free methods it holds up best without any
-fine-tuning, and it fine-tunes well. See `longctx plan --help` for every method; run
-`longctx plan` first to see the parameters and a fine-tuning schedule.
+The default method is ntk (a plain rope_theta; see `longctx plan --help` for every method
+and why ntk is the default); run `longctx plan` first to see the parameters and a
+fine-tuning schedule. yarn's attention temperature sharpens attention at every length:
+on small models pass --attention-factor 1 to keep short prompts intact.
 
 dynamic follows transformers' convention: max_position_embeddings stays the original
 length and the base grows with the sequence at inference time."""
@@ -31,6 +32,7 @@ length and the base grows with the sequence at inference time."""
 EPILOG = """\
 examples:
   longctx extend --target-len 32k --output out/smollm2-32k
+  longctx extend --target-len 32k --method yarn --output out/smollm2-32k-yarn
   longctx extend --model llama-3-8b/ --target-len 1M --method scaling-law --output out/llama3-1m
   longctx extend --model llama-2-7b/ --target-len 64k --method ntk --rope-theta 1e6 --output out/l2-64k
   longctx extend --model llama-2-7b/ --target-len 128k --method yarn --factor 32 --beta-fast 32 --output out/l2-yarn
@@ -46,10 +48,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=formatter,
     )
-    add_model_argument(parser)
-    parser.add_argument("--target-len", type=token_count, required=True, metavar="N",
-                        help="context length to reach: 1048576, 1M, 1m, 128k, 128K")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="scaling method (default: %(default)s)")
+    add_model_target_method_arguments(parser)
     parser.add_argument("--factor", type=float, metavar="F",
                         help="scale factor instead of target / native length (not for scaling-law)")
     parser.add_argument("--rope-theta", type=float, metavar="T",
@@ -95,12 +94,13 @@ def _training_entry_point(config_path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from longctx.models import resolve_model
+    from longctx.models import check_output_free, resolve_model
     from longctx.rope.extend import extend_model
     from longctx.rope.planner import describe_rope
 
     train_after_extend = _training_entry_point(Path(args.train)) if args.train else None
     start = time.perf_counter()
+    check_output_free(args.output, args.overwrite)  # before a possible first-time model conversion
     model_dir = resolve_model(args.model)
     result = extend_model(
         model_dir,

@@ -8,7 +8,7 @@ import json
 from longctx.commands._args import add_model_argument, formatter, token_count
 
 METHODS = ("linear", "ntk", "scaling-law", "dynamic", "yarn", "llama3")  # = longctx.rope.planner.METHODS
-DEFAULT_METHOD = "yarn"  # = longctx.rope.planner.DEFAULT_METHOD (kept here so --help imports no torch)
+DEFAULT_METHOD = "ntk"  # = longctx.rope.planner.DEFAULT_METHOD (kept here so --help imports no torch)
 
 DESCRIPTION = """\
 Show the rope parameters that extend a model to --target-len tokens, and a progressive
@@ -17,15 +17,18 @@ steps and tokens). Only the model's config.json is read: no weights are needed.
 
 Methods:
   linear       position interpolation: every frequency divided by the factor
-  ntk          NTK-aware base: theta * s^(d/(d-2)); config stays rope_type default
+  ntk          NTK-aware base: theta * s^(d/(d-2)); config stays rope_type default (default)
   scaling-law  theta(T) = theta^(ln(T/2pi)/ln(T0/2pi)) (Gradient's Llama-3 1M values)
   dynamic      NTK base that grows with the sequence length at inference time
-  yarn         NTK-by-parts interpolation plus attention temperature (default)
+  yarn         NTK-by-parts interpolation plus attention temperature
   llama3       Llama 3.1 piecewise: low frequencies divided, high kept, smooth between
 
-The default is yarn: of these it works best without any fine-tuning, it fine-tunes well,
-and transformers, vLLM and llama.cpp all read it. For Gradient-style progressive training
-to 256K and beyond, scaling-law keeps the config a plain rope_theta that every runtime reads.
+The default is ntk: the config stays a plain rope_theta that every runtime and merge path
+reads, a KV cache stays valid at every length (unlike dynamic), short prompts keep working
+(YaRN's attention temperature degrades them on small models), and on the default model it
+measured best of the static methods without training. For progressive training to 256K
+and beyond use scaling-law: it reproduces the rope_theta of Gradient's released 262K and
+1M Llama-3-8B configs.
 
 Stages (--stages auto): walking down from the target by 2x, 2x, 4x, then 8x while a stage
 is still at least twice the native length (8K -> 1M gives 65K, 262K, 524K, 1048K, as
@@ -38,7 +41,16 @@ examples:
   longctx plan --model meta-llama-3-8b/ --target-len 1M --method scaling-law
   longctx plan --model meta-llama-3-8b/ --target-len 1M --method scaling-law --json > plan.json
   longctx plan --model llama-2-7b/ --target-len 128k --method yarn --stages 3 --steps-per-stage 400
+  longctx plan --target-len 32k --method yarn --json
 """
+
+
+def add_model_target_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --target-len and --method, as plan and extend take them."""
+    add_model_argument(parser)
+    parser.add_argument("--target-len", type=token_count, required=True, metavar="N",
+                        help="context length to reach: 1048576, 1M, 1m, 128k, 128K")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="scaling method (default: %(default)s)")
 
 
 def register(subparsers) -> None:
@@ -49,10 +61,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=formatter,
     )
-    add_model_argument(parser)
-    parser.add_argument("--target-len", type=token_count, required=True, metavar="N",
-                        help="context length to reach: 1048576, 1M, 128k, ...")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="scaling method (default: %(default)s)")
+    add_model_target_method_arguments(parser)
     parser.add_argument("--stages", default="auto", metavar="auto|K",
                         help="'auto' for the Gradient-like ladder, or a number of stages (default: %(default)s)")
     parser.add_argument("--steps-per-stage", type=int, default=200, metavar="N",

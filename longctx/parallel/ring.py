@@ -269,17 +269,23 @@ def _check_local_shapes(q, k, v) -> None:
         raise LongctxError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
 
 
-def _check_same_shapes_across_ranks(q, k, v, group, rank) -> None:
-    """All ranks must hold shards of one sequence: compare (batch, seq, heads, kv_heads, head_dim) with an all_gather."""
-    mine = torch.tensor([q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]], device=q.device)
+def _check_same_shapes_across_ranks(q, k, v, group, packed: bool) -> bool:
+    """All ranks must hold shards of one sequence: compare (batch, seq, heads, kv_heads, head_dim) with an all_gather.
+
+    The same all_gather tells every rank whether any rank has packed documents, so that all of them
+    choose the same backend. Returns that.
+    """
+    mine = torch.tensor([q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3], v.shape[3], int(packed)],
+                        device=q.device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
-    shapes = [tuple(t.tolist()) for t in gathered]
+    shapes = [tuple(t[:-1].tolist()) for t in gathered]
     if len(set(shapes)) != 1:
         raise LongctxError(
             f"ring attention shapes differ across ranks (batch, seq_local, heads, kv_heads, head_dim, v_dim per rank: {shapes}); "
             "shard one padded sequence with shard_for_sequence_parallel on every rank"
         )
+    return any(int(t[-1]) for t in gathered)
 
 
 def _resolve_backend(backend: str, q: torch.Tensor, causal: bool, packed: bool) -> str:
@@ -325,19 +331,26 @@ def ring_attention_bhsd(q, k, v, *, group=None, causal=True, softmax_scale=None,
     _check_local_shapes(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     rank, world_size = _group_rank_and_size(group)
     seq_local = q.shape[2]
+    zigzag_layout = world_size == 1 or seq_local % 2 == 0  # an odd shard is refused below, on every rank
+    doc_start = document_starts(position_ids, seq_local, rank, world_size, q.device) if zigzag_layout else None
+    if doc_start is not None and doc_start.shape[0] not in (1, q.shape[0]):
+        raise LongctxError(f"position_ids batch {doc_start.shape[0]} differs from the q batch {q.shape[0]}")
+    packed = doc_start is not None
     if world_size > 1:
         group = group if group is not None else dist.group.WORLD
-        _check_same_shapes_across_ranks(q, k, v, group, rank)
+        packed = _check_same_shapes_across_ranks(q, k, v, group, packed)
         if causal and seq_local % 2:
             raise LongctxError(
                 f"local sequence length {seq_local} is odd, but a zigzag shard is two equal chunks; "
                 "pad the full sequence to a multiple of 2 x world_size with pad_for_zigzag before sharding"
             )
+    if packed and not causal:
+        raise LongctxError(
+            "packed documents (position_ids restarting at 0) are supported with causal attention only; "
+            "pass one document per sequence for non-causal attention"
+        )
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    doc_start = document_starts(position_ids, seq_local, rank, world_size, q.device)
-    if doc_start is not None and doc_start.shape[0] not in (1, q.shape[0]):
-        raise LongctxError(f"position_ids batch {doc_start.shape[0]} differs from the q batch {q.shape[0]}")
-    chosen = _resolve_backend(backend, q, causal, packed=doc_start is not None)
+    chosen = _resolve_backend(backend, q, causal, packed)
     if chosen == "ring-flash-attn":
         from ring_flash_attn import zigzag_ring_flash_attn_func
 

@@ -24,10 +24,11 @@ from longctx.rope.config import (
 from longctx.rope.methods import ntk_base, scaling_law_base
 
 METHODS = ("linear", "ntk", "scaling-law", "dynamic", "yarn", "llama3")
-# YaRN: the best of these without any training (it keeps the high frequencies the model
-# relies on for local order, interpolates only the low ones, and corrects the attention
-# temperature), it fine-tunes well, and transformers, vLLM and llama.cpp all read it.
-DEFAULT_METHOD = "yarn"
+# NTK-aware: the config stays a plain rope_theta that every runtime and merge path reads,
+# caches stay valid at every length (unlike dynamic), short prompts keep working (YaRN's
+# attention temperature degrades them on small models), and on the default model it
+# measured best of the static methods without training (docs/rope.md).
+DEFAULT_METHOD = "ntk"
 
 # Which optional parameters each method takes (besides the target length).
 METHOD_PARAMETERS = {
