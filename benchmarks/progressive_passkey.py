@@ -43,8 +43,8 @@ PHASES = ("init", "pretrain", "extend", "evaluate", "sp")
 # The tiny model: 3 layers are enough for an induction-style copy of the pass key.
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=4, rope_theta=10000.0)
-PRETRAIN_STAGE = dict(seq_len=NATIVE, steps=1800, learning_rate=2.0e-3, warmup_steps=50, lr_schedule="constant",
-                      batch_size=8)
+PRETRAIN_STAGE = dict(seq_len=NATIVE, steps=2500, learning_rate=1.0e-3, warmup_steps=100, lr_schedule="constant",
+                      batch_size=16)
 
 
 def build_word_tokenizer():

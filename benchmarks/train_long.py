@@ -10,9 +10,9 @@ Two ways to run one training step (forward + backward, float32, sdpa attention, 
 Each (way, length) runs in a fresh subprocess; a watchdog thread samples its RSS every 10 ms and
 kills it above --cap-gib (the machine is shared: we never go near 24 GiB). The peak RSS of the
 step minus the RSS before it is the step's memory. The longest length fitting in 24 GiB is
-extrapolated from the measured lengths with a least-squares fit of peak RSS = a + b*T + c*T^2
-(linear and quadratic terms: activations grow with T, and any attention workspace with T^2),
-then checked against the cap that was actually measured.
+extrapolated on the line through the two longest measured lengths (see fit_max_length), so
+those should be at or past the loss chunk size (4096). --previous merges the JSON records of an
+earlier run (its output) so a long measurement can be split over several runs.
 
     flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/train_long.py
 """
@@ -94,19 +94,17 @@ def measure(way: str, length: int, cap_gib: float, threads: int) -> dict:
 
 
 def fit_max_length(points: list[tuple[int, float]], budget_bytes: float) -> int | None:
-    """Largest T with a + b*T + c*T^2 <= budget, from a least-squares fit of (T, peak bytes)."""
-    import numpy as np
+    """Largest T under the budget on the line through the two longest measured lengths.
 
-    lengths = np.array([p[0] for p in points], dtype=float)
-    peaks = np.array([p[1] for p in points], dtype=float)
-    degree = 2 if len(points) >= 3 else 1
-    coefficients = np.polyfit(lengths, peaks, degree)
-    coefficients = np.where(np.abs(coefficients) < 1e-12, 0.0, coefficients)
-    if degree == 2 and coefficients[0] < 0:  # noise made it concave: fall back to a line
-        coefficients = np.concatenate([[0.0], np.polyfit(lengths, peaks, 1)])
-    roots = np.roots(np.concatenate([coefficients[:-1], [coefficients[-1] - budget_bytes]]))
-    real = [r.real for r in roots if abs(r.imag) < 1e-6 and r.real > 0]
-    return int(min(real)) if real else None
+    Past the loss chunk size (4096 tokens) nothing in one step grows faster than T on CPU: sdpa's
+    CPU flash kernel keeps attention O(T), activations and logits (transformers) are O(T), and the
+    chunked loss is capped at one chunk. So the last two points give the slope.
+    """
+    (t1, m1), (t2, m2) = sorted(points)[-2:]
+    slope = (m2 - m1) / (t2 - t1)
+    if slope <= 0:
+        return None
+    return int(t2 + (budget_bytes - m2) / slope)
 
 
 def main() -> int:
@@ -116,6 +114,7 @@ def main() -> int:
     parser.add_argument("--speed-lengths", default="4096,8192", help="lengths whose tokens/s is measured")
     parser.add_argument("--cap-gib", type=float, default=12.0, help="kill a measurement above this RSS")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--previous", metavar="LOG", help="output of an earlier run whose records to reuse")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.cap_gib)
@@ -123,11 +122,19 @@ def main() -> int:
 
     import torch
 
-    memory_lengths = [int(x) for x in args.memory_lengths.split(",")]
-    speed_lengths = [int(x) for x in args.speed_lengths.split(",")]
+    memory_lengths = [int(x) for x in args.memory_lengths.split(",") if x]
+    speed_lengths = [int(x) for x in args.speed_lengths.split(",") if x]
     records = {}
+    if args.previous:
+        with open(args.previous) as handle:
+            for line in handle:
+                if line.startswith("{") and '"way"' in line:
+                    record = json.loads(line)
+                    records[(record["way"], record["length"])] = record
     for length in sorted(set(memory_lengths) | set(speed_lengths)):
         for way in WAYS:
+            if (way, length) in records:
+                continue
             if records.get((way, length // 2), {}).get("capped"):
                 records[(way, length)] = {"capped": True, "way": way, "length": length}
                 continue
@@ -152,7 +159,7 @@ def main() -> int:
         print(f"| {length} | {gib(peer)} | {gib(ours)} | {ratio} | {sec(peer)} | {sec(ours)} |")
 
     summary = {}
-    print(f"\nlongest sequence in {BUDGET_GIB:.0f} GiB (fit of peak RSS over the measured lengths):")
+    print(f"\nlongest sequence in {BUDGET_GIB:.0f} GiB (line through the two longest measured lengths):")
     for way in WAYS:
         points = [(length, r["rss_peak"]) for (w, length), r in records.items() if w == way and not r.get("capped")]
         longest = fit_max_length(points, BUDGET_GIB * GIB) if len(points) >= 2 else None

@@ -303,6 +303,9 @@ def test_bad_arguments_fail_before_writing(tiny_llama, three_adapters, tmp_path)
         merge_adapters(tiny_llama, three_adapters[:1], tmp_path / "out", weights=[1, 2], progress=False)
     with pytest.raises(LongctxError, match="does not exist"):
         merge_adapters(tiny_llama, [tmp_path / "missing"], tmp_path / "out", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(LongctxError, match="no CUDA device"):
+            merge_adapters(tiny_llama, three_adapters[:1], tmp_path / "out", device="cuda", progress=False)
     assert leftovers(tmp_path, "out") == []
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

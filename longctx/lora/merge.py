@@ -38,7 +38,6 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.lora.adapter_format import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ADAPTER_WEIGHTS_PICKLE,
     KEY_PREFIX,
@@ -438,7 +437,7 @@ def plan_merge(
     warnings = warn_saved_twice(adapters)
     if untied:
         warnings.append(
-            f"{', '.join(untied)} no longer equal the tensors they were tied to (an adapter saves one of them in full): "
+            f"untying {', '.join(f'{target} from {ties[target]}' for target in untied)} (an adapter saves one of them in full): "
             "writing both and tie_word_embeddings: false, as PEFT does"
         )
     return MergePlan(tensors, shapes, dtypes, untied, warnings, base_copies)
