@@ -142,3 +142,14 @@ def test_rng_states_round_trip_through_json():
     set_rng_state(saved)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_bfloat16_precision_autocasts_and_saves_in_the_source_dtype(tmp_path, corpus):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_llama(tmp_path / "tiny-bf16", dtype=torch.bfloat16)
+    config = write_config(tmp_path, model_dir, corpus, precision="bfloat16", stages=STAGES[:1])
+    output = train_from_config(config, progress=False)
+    trained = AutoModelForCausalLM.from_pretrained(output, dtype="auto")
+    assert trained.dtype == torch.bfloat16 and trained.config.dtype == torch.bfloat16
+    assert all(m["loss"] == m["loss"] for m in read_metrics(output / "train_log.jsonl") if "loss" in m)

@@ -211,7 +211,7 @@ def heatmap_title(summary: dict) -> str:
     settings = summary["settings"]
     task = settings["task"] + (f" ({settings['value_type']})" if settings["task"] not in ("passkey", "needle") else "")
     return (
-        f"{summary['model']} - {task}, haystack {settings['haystack']}, {summary.get('prompt_style', settings['prompt'])} "
+        f"{summary['model']}\n{task}, haystack {settings['haystack']}, {summary.get('prompt_style', settings['prompt'])} "
         f"prompt, {settings['scoring']} scoring, "
         f"{summary['samples_per_cell']} sample(s)/cell\nmean {summary['mean_score']}, "
         f"effective length {length_label(summary['effective_length']) if summary['effective_length'] else 'none'} "

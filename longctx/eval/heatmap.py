@@ -30,8 +30,8 @@ def plot_heatmap(
         for column, length in enumerate(lengths):
             if (length, depth) in scores:
                 grid[row, column] = scores[(length, depth)]
-    width = min(18.0, 2.5 + 0.9 * len(lengths))
-    height = min(10.0, 1.8 + 0.45 * len(depths))
+    width = min(18.0, max(8.0, 2.5 + 0.9 * len(lengths)))
+    height = min(10.0, 2.2 + 0.45 * len(depths))
     figure, axes = plt.subplots(figsize=(width, height), dpi=100)
     cmap = LinearSegmentedColormap.from_list("needle", COLOURS)
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")

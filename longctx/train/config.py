@@ -4,7 +4,7 @@
     output: out/smollm2-32k
     seed: 0
     mode: full                          # full | lora (LongLoRA: LoRA on attention + embeddings and norms)
-    precision: float32                  # float32 | bfloat16
+    precision: float32                  # float32 | bfloat16 (autocast; master weights stay float32)
     activation_checkpointing: true
     loss_chunk_size: 4096               # tokens per chunk of the chunked cross-entropy; 0 = plain loss
     parallel: {sequence_parallel: 1}    # data parallel over the remaining ranks

@@ -36,7 +36,7 @@ from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- the distributed environment -------------------------------------------------------------
@@ -115,7 +115,8 @@ def load_model(model_dir: Path, config: TrainConfig, runtime: Runtime):
 
         attention = longctx.parallel.ATTENTION_NAME
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.precision], attn_implementation=attention)
+        # float32 master weights and optimizer state; precision bfloat16 autocasts the compute (train_step)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as error:
         raise LongctxError(f"cannot load {model_dir} for training: {str(error).splitlines()[0]}") from error
@@ -228,14 +229,16 @@ def shard_batch(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, t
     return {key: zigzag_shard(value, runtime.sp_rank, runtime.sp_size) for key, value in batch.items()}
 
 
-def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime: Runtime, grad_clip: float) -> float:
+def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime: Runtime, grad_clip: float,
+               precision: str = "float32") -> float:
     """Forward/backward over the micro-batches and one optimizer step; returns the step's mean loss."""
     count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
     scale = runtime.sp_size / max(count, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         local = shard_batch(batch, runtime)
-        local_sum, _ = module(input_ids=local["input_ids"], position_ids=local["position_ids"], labels=local["labels"])
+        with torch.autocast(runtime.device.type, dtype=DTYPES[precision], enabled=precision != "float32"):
+            local_sum, _ = module(input_ids=local["input_ids"], position_ids=local["position_ids"], labels=local["labels"])
         (local_sum * scale).backward()
         loss_sum += local_sum.detach().double().cpu()
     if grad_clip:
@@ -318,7 +321,8 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
             started = time.perf_counter()
             micro_batches = [stream.next_batch() for _ in range(stage.gradient_accumulation)]
             lr = scheduler.get_last_lr()[0]
-            loss = train_step(module, optimizer, scheduler, micro_batches, runtime, config.optimizer.grad_clip)
+            loss = train_step(module, optimizer, scheduler, micro_batches, runtime, config.optimizer.grad_clip,
+                              config.precision)
             elapsed = time.perf_counter() - started
             step += 1
             global_step += 1
@@ -438,8 +442,10 @@ def _export_model(module, model, runtime, config, model_dir, dest, schedule, pat
     state = ckpt.full_model_state(module, runtime.distributed)
     if runtime.is_main:
         scaling = config.lora.alpha / config.lora.r if config.mode == "lora" else None
-        weights = ckpt.hf_state_dict(state, lora_scaling=scaling)
         causal_lm = unwrap_causal_lm(model)
+        saved_dtype = source_dtype(model_dir)
+        weights = {name: tensor.to(saved_dtype) for name, tensor in ckpt.hf_state_dict(state, lora_scaling=scaling).items()}
+        causal_lm.config.dtype = saved_dtype
         rope = {"rope_parameters": causal_lm.config.rope_parameters,
                 "max_position_embeddings": causal_lm.config.max_position_embeddings}
         ckpt.write_model_dir(dest, weights=weights, config=causal_lm.config, source_dir=model_dir,
@@ -448,6 +454,15 @@ def _export_model(module, model, runtime, config, model_dir, dest, schedule, pat
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the source model was saved in: trained weights are written back in it."""
+    from longctx.models import read_json
+
+    config = read_json(Path(model_dir) / "config.json")
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return DTYPES.get(name, torch.float32)
 
 
 def _write_final(stage_dir: Path, paths: RunPaths, config: TrainConfig, schedule: list[dict], model_dir: Path,
