@@ -27,7 +27,7 @@ VARIANTS = [
     ("scaling-law", "scaling-law", {}),
     ("dynamic", "dynamic", {}),
     ("yarn", "yarn", {}),
-    ("yarn, attention_factor 1", "yarn", {"attention_factor": 1.0}),
+    ("yarn attention_factor=1", "yarn", {"attention_factor": 1.0}),
     ("llama3", "llama3", {}),
 ]
 

@@ -22,6 +22,13 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 
 
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # safetensors raises its own error types
+        raise LongctxError(f"cannot read {path}: {error}; the file is corrupt or truncated") from error
+
+
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -46,8 +53,7 @@ class TensorReader:
         if (self.model_dir / SAFE_INDEX).is_file():
             self.weight_map = _read_index(self.model_dir / SAFE_INDEX)
         elif (self.model_dir / SAFE_SINGLE).is_file():
-            with safe_open(self.model_dir / SAFE_SINGLE, framework="pt") as handle:
-                self.weight_map = {name: SAFE_SINGLE for name in handle.keys()}
+            self.weight_map = {name: SAFE_SINGLE for name in _open_safetensors(self.model_dir / SAFE_SINGLE).keys()}
         elif (self.model_dir / PICKLE_INDEX).is_file() or (self.model_dir / PICKLE_SINGLE).is_file():
             if not allow_pickle:
                 raise LongctxError(
@@ -84,6 +90,20 @@ class TensorReader:
     def names_in_shard(self, shard: str) -> list[str]:
         return [name for name, file in self.weight_map.items() if file == shard]
 
+    def verify(self) -> None:
+        """Parse every shard's header (not its tensors): a corrupt or truncated shard, or an
+        index naming tensors that a shard lacks, fails here with a LongctxError."""
+        if self.is_pickle:
+            return
+        for shard in self.shards():
+            present = set(_open_safetensors(self.model_dir / shard).keys())
+            missing = [name for name in self.names_in_shard(shard) if name not in present]
+            if missing:
+                raise LongctxError(
+                    f"{self.model_dir / shard} lacks {len(missing)} tensor(s) its index names (e.g. {missing[0]}); "
+                    "the model is incomplete, re-download or re-save it"
+                )
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -93,10 +113,7 @@ class TensorReader:
             if self.is_pickle:
                 self._pickle_state = self._load_pickle(shard)
             else:
-                try:
-                    self._handle = safe_open(self.model_dir / shard, framework="pt")
-                except Exception as error:  # safetensors raises its own error types
-                    raise LongctxError(f"cannot read {self.model_dir / shard}: {error}; the file is corrupt or truncated") from error
+                self._handle = _open_safetensors(self.model_dir / shard)
             self._open_shard = shard
         return self._pickle_state if self.is_pickle else self._handle
 

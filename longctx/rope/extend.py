@@ -46,28 +46,9 @@ def check_weights(model_dir: Path, *, allow_pickle: bool = False) -> list[str]:
     Safetensors headers are parsed (not the tensors), so a truncated or corrupt shard, or
     an index naming tensors a shard does not hold, fails here, before anything is written.
     """
-    from safetensors import safe_open
-
-    try:
-        reader = TensorReader(model_dir, allow_pickle=allow_pickle)
-    except LongctxError:
-        raise
-    except Exception as error:  # e.g. safetensors' own error for a corrupt single-file model
-        raise LongctxError(f"cannot read the weights in {model_dir}: {error}; the files are corrupt or truncated") from error
+    reader = TensorReader(model_dir, allow_pickle=allow_pickle)
+    reader.verify()
     shards = reader.shards()
-    if not reader.is_pickle:
-        for shard in shards:
-            try:
-                with safe_open(model_dir / shard, framework="pt") as handle:
-                    present = set(handle.keys())
-            except Exception as error:  # safetensors raises its own error types
-                raise LongctxError(f"cannot read {model_dir / shard}: {error}; the file is corrupt or truncated") from error
-            missing = [name for name in reader.names_in_shard(shard) if name not in present]
-            if missing:
-                raise LongctxError(
-                    f"{model_dir / shard} lacks {len(missing)} tensor(s) its index names (e.g. {missing[0]}); "
-                    "the model is incomplete, re-download or re-save it"
-                )
     index = PICKLE_INDEX if reader.is_pickle else SAFE_INDEX
     return shards + ([index] if (model_dir / index).is_file() else [])
 
