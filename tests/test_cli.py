@@ -30,3 +30,16 @@ def test_console_scripts_run():
     for command in COMMANDS:
         assert command in out
     assert subprocess.run([sys.executable, "-m", "longctx"], capture_output=True).returncode == 2
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from longctx.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_command_copies_of_method_lists_agree():
+    from longctx.commands.merge_adapters import COMBINE_METHODS
+    from longctx.lora.combine import METHODS
+
+    assert COMBINE_METHODS == METHODS

@@ -266,6 +266,14 @@ def test_incompatible_models_fail_with_one_line_and_nothing_written(tmp_path):
         extract_lora(base, cases["wider"], tmp_path / "out", rank=2, show_progress=False)
     with pytest.raises(LongctxError, match="different architectures"):
         extract_lora(base, cases["deeper"], tmp_path / "out", rank=2, show_progress=False)
+    unnamed = tmp_path / "unnamed"  # a GGUF-converted config names no architecture: still the same model
+    unnamed.mkdir()
+    (unnamed / "model.safetensors").symlink_to(base / "model.safetensors")
+    config = json.loads((base / "config.json").read_text())
+    del config["architectures"]
+    (unnamed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LongctxError, match="identical weights"):
+        extract_lora(unnamed, base, tmp_path / "out", rank=2, show_progress=False)
     with pytest.raises(LongctxError, match="vocabulary sizes differ.*--vocab-policy keep-base"):
         extract_lora(base, cases["vocab"], tmp_path / "out", rank=2, show_progress=False)
     assert not (tmp_path / "out").exists()

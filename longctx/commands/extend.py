@@ -36,7 +36,7 @@ examples:
   longctx extend --model llama-3-8b/ --target-len 1M --method scaling-law --output out/llama3-1m
   longctx extend --model llama-2-7b/ --target-len 64k --method ntk --rope-theta 1e6 --output out/l2-64k
   longctx extend --model llama-2-7b/ --target-len 128k --method yarn --factor 32 --beta-fast 32 --output out/l2-yarn
-  longctx extend --target-len 32k --method yarn --output out/smollm2-32k --train configs/smollm2-32k.yaml
+  longctx extend --target-len 32k --method yarn --output out/smollm2-32k --train configs/smollm2-135m-32k.yaml
 """
 
 

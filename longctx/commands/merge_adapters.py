@@ -33,6 +33,9 @@ examples:
 """
 
 
+# = longctx.lora.combine.METHODS, kept here so that --help imports no torch (a test checks they agree)
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     old = parser.add_argument_group("the old merge_adapters script's flags")
     old.add_argument("--base_model_name_or_path", "--base-model", dest="base_model", metavar="MODEL",
@@ -63,10 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="largest output shard, e.g. 2GB or 500MB (default: %(default)s)")
 
     combine = parser.add_argument_group("--combine: write one adapter instead of a merged model")
-    from longctx.lora.combine import METHODS
-
-    combine.add_argument("--combine", choices=METHODS, metavar="METHOD",
-                         help=f"combination method: {', '.join(METHODS)} (see docs/merge-adapters.md)")
+    combine.add_argument("--combine", choices=COMBINE_METHODS, metavar="METHOD",
+                         help=f"combination method: {', '.join(COMBINE_METHODS)} (see docs/merge-adapters.md)")
     combine.add_argument("--svd-rank", type=int, metavar="R",
                          help="rank of svd/ties/dare results (default: the largest input rank)")
     combine.add_argument("--density", type=float, default=1.0,

@@ -65,7 +65,8 @@ def prefill(model, cache, ids: list[int], *, chunk_size: int = DEFAULT_CHUNK, ke
     if not ids:
         return None
     device = model.device
-    head, last = ids[: len(ids) - keep], ids[len(ids) - keep :] if keep else []
+    split = len(ids) - keep
+    head, last = ids[:split], ids[split:]
     for start in range(0, len(head), chunk_size):
         chunk = torch.tensor([head[start : start + chunk_size]], device=device)
         model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)

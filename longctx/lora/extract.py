@@ -170,12 +170,14 @@ def peft_names(selected: set[str], all_modules: list[str], matches) -> list[str]
 def _config_summary(config: dict) -> tuple:
     text = config.get("text_config", config)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-    return tuple(text.get(key) for key in keys) + (tuple(config.get("architectures") or ()),)
+    return tuple(text.get(key) for key in keys)
 
 
 def check_compatible(base_config: dict, extended_config: dict, base: TensorReader, extended: TensorReader,
                      layout: ModelLayout, settings: ExtractionSettings) -> None:
-    if _config_summary(base_config) != _config_summary(extended_config):
+    architectures = [tuple(config["architectures"]) for config in (base_config, extended_config) if config.get("architectures")]
+    # a config converted from GGUF names no architecture: compare only when both do
+    if _config_summary(base_config) != _config_summary(extended_config) or len(set(architectures)) > 1:
         raise LongctxError(
             f"BASE and EXTENDED have different architectures ({_config_summary(base_config)} vs "
             f"{_config_summary(extended_config)}); extract-lora needs a model and its own fine-tune"

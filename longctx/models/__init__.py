@@ -1,27 +1,29 @@
-"""Model references, streaming tensor reads, and atomic save_pretrained-style writes."""
+"""Model references, streaming tensor reads, and atomic save_pretrained-style writes.
 
-from longctx.models.output import (
-    ShardedSafetensorsWriter,
-    atomic_output_dir,
-    check_output_free,
-    copy_auxiliary_files,
-    link_or_copy,
-    read_json,
-    write_json,
-)
-from longctx.models.reference import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model
-from longctx.models.tensors import TensorReader
+Names are imported on first use (PEP 562) so that importing a light helper from here,
+as the CLI's argument definitions do, does not import torch.
+"""
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "ShardedSafetensorsWriter",
-    "TensorReader",
-    "atomic_output_dir",
-    "check_output_free",
-    "copy_auxiliary_files",
-    "link_or_copy",
-    "load_model_and_tokenizer",
-    "read_json",
-    "resolve_model",
-    "write_json",
-]
+import importlib
+
+_EXPORTS = {
+    "ShardedSafetensorsWriter": "longctx.models.output",
+    "atomic_output_dir": "longctx.models.output",
+    "check_output_free": "longctx.models.output",
+    "copy_auxiliary_files": "longctx.models.output",
+    "link_or_copy": "longctx.models.output",
+    "read_json": "longctx.models.output",
+    "write_json": "longctx.models.output",
+    "DEFAULT_MODEL": "longctx.models.reference",
+    "load_model_and_tokenizer": "longctx.models.reference",
+    "resolve_model": "longctx.models.reference",
+    "TensorReader": "longctx.models.tensors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'longctx.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

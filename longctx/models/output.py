@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from longctx.errors import LongctxError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written, so `longctx --help` stays fast
+    import torch
 
 # Files that make a model directory usable besides its weights and config.
 AUXILIARY_FILES = (
@@ -141,6 +142,8 @@ class ShardedSafetensorsWriter:
     def flush(self) -> None:
         if not self._buffer:
             return
+        from safetensors.torch import save_file
+
         file_name = f"shard-{len(self._written):05d}.partial"
         save_file(self._buffer, self.out_dir / file_name, metadata={"format": "pt"})
         self._written.append((file_name, list(self._buffer)))
