@@ -1,6 +1,4 @@
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +95,7 @@ def test_default_model_resolves_offline_from_package(default_model_dir):
 
     config = AutoConfig.from_pretrained(default_model_dir)
     assert config.model_type == "llama"
+    assert config.architectures == ["LlamaForCausalLM"]
     assert config.num_hidden_layers == 30
     assert config.max_position_embeddings == 8192
     assert config.rope_parameters["rope_theta"] == 100000.0
@@ -105,3 +104,14 @@ def test_default_model_resolves_offline_from_package(default_model_dir):
     assert tokenizer.model_max_length == 8192
     assert resolve_model("smollm2-135m") == default_model_dir
     assert not any(p.name.startswith(".") for p in default_model_dir.parent.iterdir())
+
+
+def test_tensor_reader_reads_row_blocks_and_refuses_truncated_files(tmp_path):
+    model_dir = make_tiny_llama(tmp_path / "m")
+    reader = TensorReader(model_dir)
+    full = reader.get("model.embed_tokens.weight")
+    assert torch.equal(reader.get("model.embed_tokens.weight", rows=slice(10, 20)), full[10:20])
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(LongctxError, match="corrupt or truncated"):
+        TensorReader(model_dir)

@@ -107,12 +107,11 @@ def lora_adapter_config(
 
 def _safetensors_dtype(dtype) -> str:
     """The safetensors name of a torch dtype."""
-    from longctx.models.tensors import _SAFE_DTYPES
+    from longctx.models.tensors import SAFETENSORS_DTYPE_NAMES
 
-    names = {torch_dtype: name for name, torch_dtype in _SAFE_DTYPES.items()}
-    if dtype not in names:
+    if dtype not in SAFETENSORS_DTYPE_NAMES:
         raise ValueError(f"safetensors cannot store dtype {dtype}")
-    return names[dtype]
+    return SAFETENSORS_DTYPE_NAMES[dtype]
 
 
 class StreamingSafetensorsWriter:

@@ -23,10 +23,8 @@ which merge_adapters applies; a LoRA alone carries no config) and extraction_rep
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,6 @@ from longctx.lora import adapter_format
 from longctx.lora.lowrank import factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
 from longctx.models.metadata import read_metadata, write_metadata
-from longctx.models.tensors import _SAFE_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -241,51 +238,6 @@ def _cpu_threads(count: int | None):
             torch.set_num_threads(previous)
 
 
-class _FileReads:
-    """Tensors of a TensorReader's safetensors files read with plain file reads, not mmap.
-
-    Reading through a memory map leaves every touched page of a shard in the process's
-    resident set until the shard is closed, so the process looks as large as the model.
-    Here the process holds only the tensors (or row blocks) it asked for. Pickle
-    checkpoints fall back to the TensorReader.
-    """
-
-    def __init__(self, reader: TensorReader):
-        self.reader = reader
-        self._headers: dict[str, tuple[int, dict]] = {}
-
-    def _entry(self, name: str) -> tuple[Path, int, dict]:
-        file = self.reader.weight_map[name]
-        if file not in self._headers:
-            with open(self.reader.model_dir / file, "rb") as handle:
-                length = struct.unpack("<Q", handle.read(8))[0]
-                self._headers[file] = (8 + length, json.loads(handle.read(length)))
-        data_start, header = self._headers[file]
-        return self.reader.model_dir / file, data_start, header[name]
-
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if self.reader.is_pickle:
-            tensor = self.reader.get(name)
-            return tensor if rows is None else tensor[rows]
-        path, data_start, info = self._entry(name)
-        dtype, shape = _SAFE_DTYPES[info["dtype"]], list(info["shape"])
-        begin, end = info["data_offsets"]
-        if rows is not None:
-            row_bytes = math.prod(shape[1:]) * _element_size(dtype)
-            start, stop, _ = rows.indices(shape[0])
-            begin, end, shape[0] = begin + start * row_bytes, begin + stop * row_bytes, stop - start
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        with open(path, "rb") as handle:
-            handle.seek(data_start + begin)
-            if handle.readinto(memoryview(buffer.numpy())) != end - begin:
-                raise LongctxError(f"{path} is truncated (tensor {name}); re-download or re-save the model")
-        return buffer.view(dtype).reshape(shape)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The extended tensor fitted to the base vocabulary (keep-base): shared rows from
     EXTENDED, the rest from BASE. Returns it and the number of EXTENDED rows dropped."""
@@ -312,7 +264,6 @@ class _Extractor:
         self.full_modules: set[str] = set()
         self.written_full: set[str] = set()
         self.progress = _Progress()
-        self.file_reads = {id(base): _FileReads(base), id(extended): _FileReads(extended)}
 
     def targeted(self, module: str) -> bool:
         """Whether a module's delta is factored into LoRA (else copied whole, or skipped)."""
@@ -371,7 +322,7 @@ class _Extractor:
             self.write_full(module, param, extended_tensor)
 
     def read(self, reader: TensorReader, name: str, rows: slice | None = None) -> torch.Tensor:
-        tensor = self.file_reads[id(reader)].get(name, rows)
+        tensor = reader.get(name, rows)
         self.progress.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -392,7 +343,7 @@ class _Extractor:
         if not shape or self.base.dtype(name) != self.extended.dtype(name):
             base_tensor, extended_tensor = self.read(self.base, name), self.read(self.extended, name)
             return torch.equal(base_tensor.to(extended_tensor.dtype), extended_tensor)
-        rows_per_block = max(1, COMPARE_BLOCK_BYTES // (math.prod(shape[1:]) * _element_size(self.base.dtype(name))))
+        rows_per_block = max(1, COMPARE_BLOCK_BYTES // (math.prod(shape[1:]) * self.base.dtype(name).itemsize))
         for start in range(0, shape[0], rows_per_block):
             rows = slice(start, start + rows_per_block)
             base_block, extended_block = self.read(self.base, name, rows), self.read(self.extended, name, rows)

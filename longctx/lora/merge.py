@@ -54,7 +54,7 @@ from longctx.models.output import (
     read_json,
     write_json,
 )
-from longctx.models.tensors import _SAFE_DTYPES, TensorReader
+from longctx.models.tensors import SAFETENSORS_DTYPE_NAMES, TensorLocation, TensorReader
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in _SAFE_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,46 +485,6 @@ def _shard_layout(names: list[str], nbytes: dict[str, int], max_shard_bytes: int
     return shards
 
 
-@dataclass
-class TensorLocation:
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # of the first data byte in the file
-    nbytes: int
-
-
-def safetensors_locations(reader: TensorReader) -> dict[str, TensorLocation]:
-    """Where each tensor's bytes lie in its shard, from the shard headers."""
-    locations = {}
-    for shard in reader.shards():
-        path = reader.model_dir / shard
-        with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                start, end = entry["data_offsets"]
-                locations[name] = TensorLocation(path, _SAFE_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + header_size + start, end - start)
-    return locations
-
-
-def read_tensor(location: TensorLocation) -> torch.Tensor:
-    """One tensor read with plain file reads: no memory map, so the file's pages never count as our memory."""
-    if not location.nbytes:
-        return torch.empty(location.shape, dtype=location.dtype)
-    buffer = bytearray(location.nbytes)
-    with open(location.path, "rb", buffering=0) as handle:
-        handle.seek(location.offset)
-        view, done = memoryview(buffer), 0
-        while done < location.nbytes:
-            count = handle.readinto(view[done:])
-            if not count:
-                raise LongctxError(f"{location.path} is truncated; re-save the model")
-            done += count
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(location.dtype).reshape(location.shape)
-
-
 def _write_all(file, data) -> None:
     view, done = memoryview(data).cast("B"), 0
     while done < len(view):
@@ -565,7 +524,7 @@ class StreamingSafetensorsWriter:
         offset = 0
         for name in self.shards[self._shard_index]:
             shape, dtype = self.layout[name]
-            header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes[name]]}
+            header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes[name]]}
             offset += self.nbytes[name]
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
@@ -723,14 +682,13 @@ def merge_adapters(
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
             writer = StreamingSafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes)
             bar = tqdm(total=sum(writer.nbytes.values()), unit="B", unit_scale=True, desc="merging", disable=not progress)
-            locations = None if reader.is_pickle else safetensors_locations(reader)
             for name in writer.order:
                 source, ops = plan.tensors[name]
-                if locations and not ops and locations[source].dtype == plan.dtypes[name] and source not in plan.base_copies:
-                    writer.copy(name, locations[source])  # unchanged: bytes go from file to file
+                if not reader.is_pickle and not ops and reader.dtype(source) == plan.dtypes[name] and source not in plan.base_copies:
+                    writer.copy(name, reader.location(source))  # unchanged: bytes go from file to file
                     bar.update(writer.nbytes[name])
                     continue
-                tensor = read_tensor(locations[source]) if locations else reader.get(source)
+                tensor = reader.get(source)
                 for adapter_name, copy in plan.base_copies.pop(source, []):
                     if not torch.equal(copy.to(tensor.dtype), tensor):
                         warning = (
@@ -776,10 +734,10 @@ def merge_adapters(
 
 def require_hub() -> None:
     """Fail fast, before any work, when --push_to_hub cannot reach the hub."""
-    from longctx.models.reference import _hub_reachable
+    from longctx.models.reference import hub_reachable
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline or not _hub_reachable():
+    if offline or not hub_reachable():
         raise LongctxError(
             "--push_to_hub: cannot reach the Hugging Face hub from here; drop --push_to_hub to write the merged "
             "model locally and upload it later with `hf upload`"

@@ -99,6 +99,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights we write are plain float32
     config._name_or_path = name
+    config.architectures = [type(model).__name__]  # config.save_pretrained alone leaves it null; mergekit needs it
     tokenizer.model_max_length = config.max_position_embeddings
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     try:
@@ -118,7 +119,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     return dest
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
+def hub_reachable(timeout: float = 5.0) -> bool:
     """Connect to the hub in a thread so that a hanging DNS lookup cannot hang us."""
     result = []
 
@@ -137,7 +138,7 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
 
 def download_from_hub(repo_id: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline or not _hub_reachable():
+    if offline or not hub_reachable():
         raise LongctxError(
             f"cannot reach the Hugging Face hub to fetch {repo_id}; download it where the hub is reachable "
             "and pass the local directory"

@@ -1,18 +1,23 @@
 """Stream tensors from a model directory, one at a time.
 
-Like mergekit's lazy loader: the index maps each tensor name to its shard, a shard is
-opened only when one of its tensors is asked for, and only the asked-for tensor is read
-into memory. Pickle checkpoints (pytorch_model*.bin) are refused unless allow_pickle.
+Like mergekit's lazy loader: the index maps each tensor name to its shard, and only the
+asked-for tensor is read into memory. Safetensors are read with plain file reads at the
+offsets their headers give, not through a memory map: a map leaves every touched page of
+a shard in the process's resident set, so a streaming pass would look (and, under memory
+pressure, behave) as large as the model. Pickle checkpoints (pytorch_model*.bin) are
+refused unless allow_pickle.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from longctx.errors import LongctxError
 
@@ -21,12 +26,55 @@ SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
-def _open_safetensors(path: Path):
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first data byte in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
+    """The tensors of one safetensors file, from its header alone."""
     try:
-        return safe_open(path, framework="pt")
-    except Exception as error:  # safetensors raises its own error types
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_size))
+        locations = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            location = TensorLocation(path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + header_size + start, end - start)
+            if location.offset + location.nbytes > size:
+                raise ValueError(f"tensor {name} lies beyond the end of the file")
+            locations[name] = location
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
         raise LongctxError(f"cannot read {path}: {error}; the file is corrupt or truncated") from error
+    return locations
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -37,12 +85,26 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return dict(weight_map)
 
 
+def read_bytes(path: Path, offset: int, count: int) -> torch.Tensor:
+    """count bytes of a file from offset, as a uint8 tensor, with plain reads."""
+    buffer = torch.empty(count, dtype=torch.uint8)
+    view, done = memoryview(buffer.numpy()), 0
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        while done < count:
+            read = handle.readinto(view[done:])
+            if not read:
+                raise LongctxError(f"{path} is truncated; re-download or re-save the model")
+            done += read
+    return buffer
+
+
 class TensorReader:
     """Read-only, name-addressed access to a model's weights without loading them all.
 
-    `reader.names()` lists tensor names in checkpoint order, `reader.get(name)` reads
-    one tensor, `reader.iter_tensors()` yields (name, tensor) shard by shard so at most
-    one shard's file handle is open at a time.
+    `names()` lists tensor names in checkpoint order, `get(name)` reads one tensor (or a
+    block of its rows), `location(name)` says where its bytes are (for copying a tensor
+    file to file), `iter_tensors()` yields (name, tensor) shard by shard.
     """
 
     def __init__(self, model_dir: str | Path, *, allow_pickle: bool = False):
@@ -50,10 +112,11 @@ class TensorReader:
         if not self.model_dir.is_dir():
             raise LongctxError(f"model directory {self.model_dir} does not exist")
         self.is_pickle = False
+        self._headers: dict[str, dict[str, TensorLocation]] = {}
         if (self.model_dir / SAFE_INDEX).is_file():
             self.weight_map = _read_index(self.model_dir / SAFE_INDEX)
         elif (self.model_dir / SAFE_SINGLE).is_file():
-            self.weight_map = {name: SAFE_SINGLE for name in _open_safetensors(self.model_dir / SAFE_SINGLE).keys()}
+            self.weight_map = {name: SAFE_SINGLE for name in self._header(SAFE_SINGLE)}
         elif (self.model_dir / PICKLE_INDEX).is_file() or (self.model_dir / PICKLE_SINGLE).is_file():
             if not allow_pickle:
                 raise LongctxError(
@@ -64,21 +127,22 @@ class TensorReader:
             if (self.model_dir / PICKLE_INDEX).is_file():
                 self.weight_map = _read_index(self.model_dir / PICKLE_INDEX)
             else:
-                state = self._load_pickle(PICKLE_SINGLE)
-                self.weight_map = {name: PICKLE_SINGLE for name in state}
+                self.weight_map = {name: PICKLE_SINGLE for name in self._load_pickle(PICKLE_SINGLE)}
         else:
-            raise LongctxError(
-                f"no weights in {self.model_dir}: expected model.safetensors or {SAFE_INDEX}"
-            )
+            raise LongctxError(f"no weights in {self.model_dir}: expected model.safetensors or {SAFE_INDEX}")
         missing = sorted({shard for shard in self.weight_map.values() if not (self.model_dir / shard).is_file()})
         if missing:
             raise LongctxError(f"{self.model_dir} is missing weight shard(s) {', '.join(missing)}; re-download or re-save the model")
-        self._open_shard: str | None = None
-        self._handle = None
+        self._pickle_shard: str | None = None
         self._pickle_state: dict[str, torch.Tensor] | None = None
 
     def _load_pickle(self, shard: str) -> dict[str, torch.Tensor]:
         return torch.load(self.model_dir / shard, map_location="cpu", weights_only=True, mmap=True)
+
+    def _header(self, shard: str) -> dict[str, TensorLocation]:
+        if shard not in self._headers:
+            self._headers[shard] = read_safetensors_header(self.model_dir / shard)
+        return self._headers[shard]
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -96,8 +160,7 @@ class TensorReader:
         if self.is_pickle:
             return
         for shard in self.shards():
-            present = set(_open_safetensors(self.model_dir / shard).keys())
-            missing = [name for name in self.names_in_shard(shard) if name not in present]
+            missing = [name for name in self.names_in_shard(shard) if name not in self._header(shard)]
             if missing:
                 raise LongctxError(
                     f"{self.model_dir / shard} lacks {len(missing)} tensor(s) its index names (e.g. {missing[0]}); "
@@ -107,35 +170,43 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _shard_handle(self, shard: str):
-        if self._open_shard != shard:
-            self.close()
-            if self.is_pickle:
-                self._pickle_state = self._load_pickle(shard)
-            else:
-                self._handle = _open_safetensors(self.model_dir / shard)
-            self._open_shard = shard
-        return self._pickle_state if self.is_pickle else self._handle
-
-    def get(self, name: str) -> torch.Tensor:
+    def location(self, name: str) -> TensorLocation:
         if name not in self.weight_map:
             raise LongctxError(f"tensor {name} is not in {self.model_dir}")
-        handle = self._shard_handle(self.weight_map[name])
         if self.is_pickle:
-            return handle[name]
-        try:
-            return handle.get_tensor(name)
-        except Exception as error:
-            raise LongctxError(f"cannot read tensor {name} from {self.model_dir}: {error}") from error
+            raise ValueError("pickle checkpoints have no tensor locations")
+        header = self._header(self.weight_map[name])
+        if name not in header:
+            raise LongctxError(f"{self.model_dir / self.weight_map[name]} lacks tensor {name}; re-save the model")
+        return header[name]
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """One tensor, or the block of its first-dimension rows that `rows` selects."""
+        if self.is_pickle:
+            return self._get_pickle(name) if rows is None else self._get_pickle(name)[rows]
+        location = self.location(name)
+        shape, offset, count = list(location.shape), location.offset, location.nbytes
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * location.dtype.itemsize
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("row blocks must be contiguous")
+            offset, count, shape[0] = offset + start * row_bytes, max(0, stop - start) * row_bytes, max(0, stop - start)
+        return read_bytes(location.path, offset, count).view(location.dtype).reshape(shape)
+
+    def _get_pickle(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise LongctxError(f"tensor {name} is not in {self.model_dir}")
+        shard = self.weight_map[name]
+        if self._pickle_shard != shard:
+            self._pickle_state, self._pickle_shard = self._load_pickle(shard), shard
+        return self._pickle_state[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self.is_pickle:
-            return tuple(self.get(name).shape)
-        handle = self._shard_handle(self.weight_map[name])
-        return tuple(handle.get_slice(name).get_shape())
+        return tuple(self._get_pickle(name).shape) if self.is_pickle else self.location(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype if self.is_pickle else _SAFE_DTYPES[self._shard_handle(self.weight_map[name]).get_slice(name).get_dtype()]
+        return self._get_pickle(name).dtype if self.is_pickle else self.location(name).dtype
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for shard in self.shards():
@@ -146,28 +217,11 @@ class TensorReader:
         return sum((self.model_dir / shard).stat().st_size for shard in self.shards())
 
     def close(self) -> None:
-        self._handle = None
         self._pickle_state = None
-        self._open_shard = None
+        self._pickle_shard = None
 
     def __enter__(self) -> "TensorReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-_SAFE_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
