@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import run_measured
 
 from longctx.lora.extract import measure_adapter
 from longctx.models import (
@@ -154,16 +152,9 @@ def make_llama1b_base(out_dir: Path, layers: int, *, seed: int = 0) -> Path:
     return out_dir
 
 
-def run_timed(command: list[str], log_path: Path) -> dict:
-    """Wall time and peak RSS (from /usr/bin/time -v) of one tool run in its own process."""
-    started = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    log_path.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"{command[0]} failed (exit {result.returncode}); see {log_path}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+def _timed(command: list[str], log_path: Path) -> dict:
+    seconds, peak = run_measured(command, log_path)
+    return {"seconds": seconds, "peak_rss_mb": peak / 1024**2}
 
 
 def adapter_error(base: Path, extended: Path, adapter: Path) -> dict:
@@ -177,9 +168,9 @@ def bench_pair(name: str, base: Path, extended: Path, rank: int, dtype: str, wor
     ours_dir, theirs_dir = workdir / f"{name}-longctx-r{rank}", workdir / f"{name}-mergekit-r{rank}"
     for directory in (ours_dir, theirs_dir):
         shutil.rmtree(directory, ignore_errors=True)
-    ours = run_timed([str(VENV_BIN / "longctx"), "extract-lora", str(base), str(extended), "--output", str(ours_dir),
+    ours = _timed([str(VENV_BIN / "longctx"), "extract-lora", str(base), str(extended), "--output", str(ours_dir),
                       "--rank", str(rank), "--dtype", dtype, "--no-progress"], workdir / f"{name}-longctx.log")
-    theirs = run_timed([str(VENV_BIN / "mergekit-extract-lora"), "--model", str(extended), "--base-model", str(base),
+    theirs = _timed([str(VENV_BIN / "mergekit-extract-lora"), "--model", str(extended), "--base-model", str(base),
                         "--out-path", str(theirs_dir), "--max-rank", str(rank), "--no-cuda", "--quiet"], workdir / f"{name}-mergekit.log")
     ours.update(adapter_error(base, extended, ours_dir))
     theirs.update(adapter_error(base, extended, theirs_dir))

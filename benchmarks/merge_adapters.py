@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import run_measured
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -150,28 +149,6 @@ def warm_cache(*directories: Path) -> None:
                         pass
 
 
-GNU_TIME = "/usr/bin/time"
-
-
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of one subprocess.
-
-    Peak RSS comes from GNU time, which forks the command from its own small process: the
-    ru_maxrss that wait4 reports for a direct child of this (large) Python process keeps the
-    parent's RSS at fork time across exec, and would inflate small figures."""
-    measured = [GNU_TIME, "-f", "maxrss_kb=%M", *command] if os.path.exists(GNU_TIME) else command
-    started = time.perf_counter()
-    process = subprocess.Popen(measured, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    stderr = process.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command[:4]} failed:\n{stderr[-3000:]}")
-    reported = [line for line in stderr.splitlines() if line.startswith("maxrss_kb=")]
-    kilobytes = int(reported[-1].split("=")[1]) if reported else usage.ru_maxrss
-    return seconds, kilobytes / 1024**2
-
-
 def bench_case(label: str, base_dir: Path, adapters: list[Path], work: Path, repeats: int) -> dict:
     python = sys.executable
     longctx = str(Path(python).with_name("longctx"))
@@ -186,7 +163,8 @@ def bench_case(label: str, base_dir: Path, adapters: list[Path], work: Path, rep
             else:
                 command = [longctx, "merge-adapters", "--base_model_name_or_path", str(base_dir),
                            "--peft_model_paths", *map(str, adapters), "--output_dir", str(out)]
-            seconds, rss = run_measured(command)
+            seconds, rss_bytes = run_measured(command)
+            rss = rss_bytes / 1024**3
             results[approach].append((seconds, rss))
             print(f"  {label} {approach:4s} run {repeat + 1}: {seconds:6.1f} s  peak RSS {rss:5.2f} GiB", flush=True)
     old_time = min(t for t, _ in results["old"])

@@ -25,16 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from common import read_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = {"reuse": (True, "generate"), "scratch": (False, "generate"), "teacher": (True, "teacher-forced")}
 LENGTHS = (512, 1024)
 DEPTHS = tuple(float(d) for d in range(0, 101, 10))  # 11 depths
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_part(part: str, results: Path, lengths, depths) -> None:
@@ -42,12 +38,12 @@ def run_part(part: str, results: Path, lengths, depths) -> None:
     from longctx.eval.tasks import Task
     from longctx.models import load_model_and_tokenizer
 
-    done = {(r["length"], r["depth"]) for r in read_rows(results) if r["part"] == part}
+    done = {(r["length"], r["depth"]) for r in read_jsonl(results) if r["part"] == part}
     todo = [(L, d) for L in lengths for d in depths if (L, d) not in done]
     if not todo:
         return
     if done:  # a resumed part would not pay for its prefix again: start the part over for honest timings
-        rows = [r for r in read_rows(results) if r["part"] != part]
+        rows = [r for r in read_jsonl(results) if r["part"] != part]
         results.write_text("".join(json.dumps(r) + "\n" for r in rows))
         todo = [(L, d) for L in lengths for d in depths]
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
@@ -66,7 +62,7 @@ def run_part(part: str, results: Path, lengths, depths) -> None:
 
 
 def report(results: Path, lengths, depths) -> str:
-    rows = read_rows(results)
+    rows = read_jsonl(results)
     by_part = {part: [r for r in rows if r["part"] == part] for part in PARTS}
     cells = len(lengths) * len(depths)
     fractions = [1 - d / 100 for d in depths]

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import read_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("base", "linear", "ntk", "dynamic", "yarn")
 LENGTH = 16384
@@ -44,12 +46,6 @@ def model_path(name: str, out_dir: Path) -> str:
     return str(path)
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_model(name: str, out_dir: Path, results: Path, depths=DEPTHS) -> None:
     import torch
 
@@ -58,7 +54,7 @@ def run_model(name: str, out_dir: Path, results: Path, depths=DEPTHS) -> None:
     from longctx.eval.tasks import Task
     from longctx.models import load_model_and_tokenizer
 
-    done = {(r["model"], r["depth"]) for r in read_rows(results)}
+    done = {(r["model"], r["depth"]) for r in read_jsonl(results)}
     todo = [depth for depth in depths if (name, depth) not in done]
     if not todo:
         print(f"{name}: done already")
@@ -79,7 +75,7 @@ def run_model(name: str, out_dir: Path, results: Path, depths=DEPTHS) -> None:
 
 
 def table(results: Path) -> str:
-    rows = read_rows(results)
+    rows = read_jsonl(results)
     lines = ["| model | rope type | depth 0% | depth 50% | depth 100% | mean | s/probe | answers |",
              "|---|---|---|---|---|---|---|---|"]
     for name in MODELS:

@@ -15,11 +15,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,18 +37,6 @@ tokenizer = AutoTokenizer.from_pretrained(source)
 tokenizer.model_max_length = target
 tokenizer.save_pretrained(output)
 """
-
-
-def run_measured(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{command[:4]} failed: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
-    return elapsed, usage.ru_maxrss * 1024
 
 
 def new_disk_bytes(output: Path, source: Path) -> int:
