@@ -8,13 +8,17 @@ Two ways to run one training step (forward + backward, float32, sdpa attention, 
                  (loss_chunk_size 4096) and activation checkpointing of every decoder layer
 
 Each (way, length) runs in a fresh subprocess; a watchdog thread samples its RSS every 10 ms and
-kills it above --cap-gib (the machine is shared: we never go near 24 GiB). The peak RSS of the
-step minus the RSS before it is the step's memory. The longest length fitting in 24 GiB is
-extrapolated on the line through the two longest measured lengths (see fit_max_length), so
-those should be at or past the loss chunk size (4096). --previous merges the JSON records of an
-earlier run (its output) so a long measurement can be split over several runs.
+kills it above --cap-gib (the machine is shared: we never go near 24 GiB). A (way, length) whose
+peak, predicted on the line through that way's measured points, exceeds --predict-above-gib is
+not run: its peak is reported as predicted. The longest length fitting in 24 GiB is
+extrapolated the same way (see memory_line), so the measured lengths should reach past the loss
+chunk size (4096). --previous merges the JSON records of an earlier run (its output) so a long
+measurement can be split over several runs (on a 2-core CPU the 8192-token longctx step alone
+takes about 7 minutes):
 
-    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/train_long.py
+    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/train_long.py \
+        --memory-lengths 512,1024,2048,4096 --speed-lengths 4096 > run1.log
+    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/train_long.py --previous run1.log
 """
 
 from __future__ import annotations
@@ -93,26 +97,55 @@ def measure(way: str, length: int, cap_gib: float, threads: int) -> dict:
     return record
 
 
-def fit_max_length(points: list[tuple[int, float]], budget_bytes: float) -> int | None:
-    """Largest T under the budget on the line through the two longest measured lengths.
+CHUNK = 4096  # the loss chunk size of the longctx way
+
+
+def fitted_points(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The (length, peak) points the memory line goes through.
 
     Past the loss chunk size (4096 tokens) nothing in one step grows faster than T on CPU: sdpa's
     CPU flash kernel keeps attention O(T), activations and logits (transformers) are O(T), and the
-    chunked loss is capped at one chunk. So the last two points give the slope.
+    chunked loss is capped at one chunk. So: the points at or past the chunk size when there are
+    two or more, else the two longest.
     """
-    (t1, m1), (t2, m2) = sorted(points)[-2:]
-    slope = (m2 - m1) / (t2 - t1)
-    if slope <= 0:
+    points = sorted(points)
+    past_chunk = [p for p in points if p[0] >= CHUNK]
+    return past_chunk if len(past_chunk) >= 2 else points[-2:]
+
+
+def memory_line(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """(intercept, bytes per token): the least-squares line of peak RSS against length through
+    fitted_points, or None without two points."""
+    fitted = fitted_points(points)
+    if len(fitted) < 2:
         return None
-    return int(t2 + (budget_bytes - m2) / slope)
+    mean_t = sum(t for t, _ in fitted) / len(fitted)
+    mean_m = sum(m for _, m in fitted) / len(fitted)
+    slope = sum((t - mean_t) * (m - mean_m) for t, m in fitted) / sum((t - mean_t) ** 2 for t, _ in fitted)
+    return mean_m - slope * mean_t, slope
+
+
+def predict_peak(points: list[tuple[int, float]], length: int) -> float | None:
+    line = memory_line(points)
+    return None if line is None else line[0] + line[1] * length
+
+
+def fit_max_length(points: list[tuple[int, float]], budget_bytes: float) -> int | None:
+    """Largest T whose predicted peak stays under the budget (see memory_line)."""
+    line = memory_line(points)
+    if line is None or line[1] <= 0:
+        return None
+    return int((budget_bytes - line[0]) / line[1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, metavar=("WAY", "LENGTH"), help=argparse.SUPPRESS)
-    parser.add_argument("--memory-lengths", default="512,1024,2048,4096", help="lengths whose peak RSS is measured")
+    parser.add_argument("--memory-lengths", default="512,1024,2048,4096,8192", help="lengths whose peak RSS is measured")
     parser.add_argument("--speed-lengths", default="4096,8192", help="lengths whose tokens/s is measured")
-    parser.add_argument("--cap-gib", type=float, default=12.0, help="kill a measurement above this RSS")
+    parser.add_argument("--cap-gib", type=float, default=16.0, help="kill a measurement above this RSS")
+    parser.add_argument("--predict-above-gib", type=float, default=16.0,
+                        help="do not run a (way, length) whose peak RSS is predicted above this; report the prediction")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--previous", metavar="LOG", help="output of an earlier run whose records to reuse")
     args = parser.parse_args()
@@ -130,13 +163,21 @@ def main() -> int:
             for line in handle:
                 if line.startswith("{") and '"way"' in line:
                     record = json.loads(line)
-                    records[(record["way"], record["length"])] = record
+                    if not record.get("predicted"):  # predict again from this run's points
+                        records[(record["way"], record["length"])] = record
     for length in sorted(set(memory_lengths) | set(speed_lengths)):
         for way in WAYS:
             if (way, length) in records:
                 continue
-            if records.get((way, length // 2), {}).get("capped"):
+            if any(w == way and t < length and r.get("capped") for (w, t), r in records.items()):
                 records[(way, length)] = {"capped": True, "way": way, "length": length}
+                continue
+            measured = [(t, r["rss_peak"]) for (w, t), r in records.items() if w == way and "seconds" in r]
+            predicted = predict_peak(measured, length)
+            if predicted is not None and predicted > args.predict_above_gib * GIB:
+                record = {"predicted": True, "rss_peak": predicted, "way": way, "length": length}
+                records[(way, length)] = record
+                print(json.dumps(record), flush=True)
                 continue
             record = measure(way, length, args.cap_gib, args.threads)
             records[(way, length)] = record
@@ -150,38 +191,48 @@ def main() -> int:
         peer, ours = records[("transformers", length)], records[("longctx", length)]
 
         def gib(record):
-            return "capped" if record.get("capped") else f"{record['rss_peak'] / GIB:.2f}"
+            if record.get("capped"):
+                return "capped"
+            return f"{record['rss_peak'] / GIB:.2f}" + (" (predicted, not run)" if record.get("predicted") else "")
 
         def sec(record):
-            return "-" if record.get("capped") else f"{record['seconds']:.1f}"
+            return f"{record['seconds']:.1f}" if "seconds" in record else "-"
 
         ratio = "-" if peer.get("capped") or ours.get("capped") else f"{peer['rss_peak'] / ours['rss_peak']:.2f}x"
+        if peer.get("predicted") or ours.get("predicted"):
+            ratio += " (predicted)"
         print(f"| {length} | {gib(peer)} | {gib(ours)} | {ratio} | {sec(peer)} | {sec(ours)} |")
 
     summary = {}
-    print(f"\nlongest sequence in {BUDGET_GIB:.0f} GiB (line through the two longest measured lengths):")
+    print(f"\nlongest sequence in {BUDGET_GIB:.0f} GiB (least-squares line through the measured points at or "
+          f"past {CHUNK} tokens, else through the two longest):")
     for way in WAYS:
-        points = [(length, r["rss_peak"]) for (w, length), r in records.items() if w == way and not r.get("capped")]
-        longest = fit_max_length(points, BUDGET_GIB * GIB) if len(points) >= 2 else None
+        points = [(length, r["rss_peak"]) for (w, length), r in records.items() if w == way and "seconds" in r]
+        line = memory_line(points)
+        longest = fit_max_length(points, BUDGET_GIB * GIB)
         summary[way] = longest
-        print(f"  {way}: {longest:,} tokens" if longest else f"  {way}: not enough points")
+        if longest:
+            used = [t for t, _ in fitted_points(points)]
+            print(f"  {way}: {longest:,} tokens ({line[1] / 1024:.0f} KiB/token, line through {used})")
+        else:
+            print(f"  {way}: not enough points")
     if summary.get("transformers") and summary.get("longctx"):
         print(f"  ratio longctx / transformers: {summary['longctx'] / summary['transformers']:.1f}x")
 
     def speed(record: dict, length: int) -> str:
-        return "capped" if record.get("capped") else f"{length / record['seconds']:.0f}"
+        return f"{length / record['seconds']:.0f}" if "seconds" in record else "not run"
 
     print("\ntokens/s (one step):")
     print("| length | transformers | longctx | ratio longctx/transformers |\n|---|---|---|---|")
     for length in speed_lengths:
         peer, ours = records[("transformers", length)], records[("longctx", length)]
-        if peer.get("capped") or ours.get("capped"):
+        if "seconds" not in peer or "seconds" not in ours:
             print(f"| {length} | {speed(peer, length)} | {speed(ours, length)} | - |")
             continue
         print(f"| {length} | {length / peer['seconds']:.0f} | {length / ours['seconds']:.0f} | "
               f"{peer['seconds'] / ours['seconds']:.2f}x |")
     print(json.dumps({"max_tokens_24gib": summary,
-                      "tokens_per_s": {str(l): {w: (None if records[(w, l)].get("capped") else l / records[(w, l)]["seconds"])
+                      "tokens_per_s": {str(l): {w: (l / records[(w, l)]["seconds"] if "seconds" in records[(w, l)] else None)
                                                 for w in WAYS} for l in speed_lengths}}))
     return 0
 

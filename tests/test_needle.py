@@ -10,10 +10,18 @@ from conftest import make_tiny_llama, make_tokenizer
 
 from longctx.errors import LongctxError
 from longctx.eval import Evaluator, passkey_accuracy
-from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, prefill
+from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, greedy_answer, prefill
 from longctx.eval.haystacks import build_haystack, encode, load_haystack_text
 from longctx.eval.prompts import PromptBuilder, assemble_prompt, detect_style, needle_depths
-from longctx.eval.tasks import TASKS, Task, first_integer_match, keyword_recall, score_answer, string_match_all
+from longctx.eval.tasks import (
+    TASKS,
+    Task,
+    first_integer_match,
+    keyword_recall,
+    score_answer,
+    score_is_settled,
+    string_match_all,
+)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +187,28 @@ def test_scoring_rules():
             assert score_answer(sample, sample.answer) == 1.0
             assert score_answer(sample, "I do not know") == 0.0
             assert len(sample.needles) == (4 if name.startswith("multi") else 1)
+
+
+def test_score_is_settled_only_when_no_continuation_can_change_the_score():
+    passkey = Task("passkey").sample(random.Random(0))
+    key = passkey.expected[0]
+    for unsettled in ("", "The key", key[:3], key, "no number yet"):
+        assert not score_is_settled(passkey, unsettled)
+    for settled in (key + ".", key + " Remember", "123 and"):
+        assert score_is_settled(passkey, settled)
+    multivalue = Task("multivalue").sample(random.Random(0))
+    assert not score_is_settled(multivalue, ", ".join(multivalue.expected[:-1]))
+    assert score_is_settled(multivalue, ", ".join(multivalue.expected))
+
+
+def test_generation_stops_once_the_score_is_settled(tiny):
+    model, tokenizer = tiny
+    prompt = encode(tokenizer, "The pass key is 12345. What is the pass key? The pass key is")
+    prefix = PrefixCache(model, prompt, enabled=False)
+    free = greedy_answer(model, tokenizer, prefix, prompt, 0, max_new_tokens=6)
+    stopped = greedy_answer(model, tokenizer, prefix, prompt, 0, max_new_tokens=6, settled=lambda text: len(text) >= 1)
+    assert len(free.text) > len(stopped.text) >= 1
+    assert free.text.startswith(stopped.text)
 
 
 def test_multikey_asks_for_the_first_needle_among_distinct_keys():

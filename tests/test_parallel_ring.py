@@ -137,3 +137,92 @@ def _check_two_rings(rank, world_size):
 
 def test_rings_on_subgroups():
     run_ranks(4, _check_two_rings)
+
+
+# --- the tiling of each ring step, and the kernels (no process group needed) ---
+
+from longctx.parallel import blocks  # noqa: E402
+from longctx.parallel import ring as ring_module  # noqa: E402
+from longctx.parallel.zigzag import zigzag_global_indices  # noqa: E402
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiles_cover_each_query_key_pair_once(world_size, causal):
+    seq_local = 6
+    covered = torch.zeros(seq_local * world_size, seq_local * world_size, dtype=torch.int64)
+    for rank in range(world_size):
+        q_index = zigzag_global_indices(seq_local, rank, world_size)
+        for step in range(world_size):
+            k_index = zigzag_global_indices(seq_local, (rank - step) % world_size, world_size)
+            tiles = ring_module._tiles_for_step(step, rank, world_size, seq_local, causal)
+            assert sum((t.q.stop - t.q.start) * (t.k.stop - t.k.start) / (1 + t.causal) for t in tiles) == \
+                (seq_local ** 2 / (1 + causal) if step == 0 or not causal else seq_local ** 2 / 2)  # balanced work
+            for tile in tiles:
+                assert tile.q.stop - tile.q.start <= seq_local // 2 and tile.k.stop - tile.k.start <= seq_local // 2
+                pairs = torch.ones(tile.q.stop - tile.q.start, tile.k.stop - tile.k.start, dtype=torch.int64)
+                if tile.causal:
+                    pairs = pairs.tril()
+                covered[q_index[tile.q][:, None], k_index[tile.k][None, :]] += pairs
+    n = seq_local * world_size
+    expected = torch.ones(n, n, dtype=torch.int64)
+    assert torch.equal(covered, expected.tril() if causal else expected)
+
+
+def test_kernel_preference():
+    assert blocks.preferred_kernel("cpu", torch.float32, 64) == "cpu-flash"
+    assert blocks.preferred_kernel("cuda", torch.bfloat16, 128) == "cuda-flash"
+    assert blocks.preferred_kernel("cuda", torch.float16, 64) == "cuda-flash"
+    assert blocks.preferred_kernel("cuda", torch.float32, 64) == "cuda-efficient"
+    assert blocks.preferred_kernel("cuda", torch.bfloat16, 512) == "cuda-efficient"
+    assert blocks.preferred_kernel("cuda", torch.bfloat16, 12) == "math"
+    assert blocks.preferred_kernel("mps", torch.float32, 64) == "math"
+    q = torch.zeros(1, 2, 4, 8)
+    assert blocks.choose_kernel(q) == "cpu-flash"
+    assert blocks.choose_kernel(q, math_only=True) == "math"
+
+
+def test_kernel_check_against_math(monkeypatch):
+    assert blocks.kernel_matches_math("cpu-flash", torch.device("cpu"), torch.float32, 16)
+    # a kernel this build cannot run here (a CUDA op on CPU tensors) is refused with a warning
+    with pytest.warns(UserWarning, match="cuda-flash .* using the math kernel"):
+        assert not blocks.kernel_matches_math("cuda-flash", torch.device("cpu"), torch.bfloat16, 16)
+    # a kernel that runs but disagrees (e.g. a misread lse layout) is refused too
+    honest = blocks._cpu_flash_forward
+    monkeypatch.setattr(blocks, "_cpu_flash_forward", lambda *a: (lambda o, lse: (o, lse + 0.1))(*honest(*a)))
+    with pytest.warns(UserWarning, match="differs from the math kernel"):
+        assert not blocks.kernel_matches_math("cpu-flash", torch.device("cpu"), torch.float32, 16)
+
+
+def test_choose_kernel_falls_back_to_math_and_remembers(monkeypatch):
+    monkeypatch.setattr(blocks, "_checked_kernels", {})
+    monkeypatch.setattr(blocks, "preferred_kernel", lambda device_type, dtype, head_dim: "cuda-efficient")
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.warns(UserWarning, match="cuda-efficient"):
+        assert blocks.choose_kernel(q) == "math"
+    assert blocks._checked_kernels == {("cuda-efficient", "cpu", torch.float32, 8): "math"}
+    assert blocks.choose_kernel(q) == "math"  # checked once
+
+
+@pytest.mark.parametrize("kernel, dtype", [("cuda-flash", torch.bfloat16), ("cuda-efficient", torch.float32)])
+def test_cuda_kernels_through_the_ring_on_meta_tensors(monkeypatch, kernel, dtype):
+    """The CUDA kernels' call signatures and returned layouts (lse padding of the efficient kernel included),
+    through the whole ring forward and backward, on PyTorch's meta device (shapes only: no GPU here)."""
+    monkeypatch.setattr(ring_module, "choose_kernel", lambda q, math_only=False: kernel)
+    calls = []
+    for name in ("_cuda_flash_forward", "_cuda_flash_backward", "_cuda_efficient_forward", "_cuda_efficient_backward"):
+        original = getattr(blocks, name)
+        monkeypatch.setattr(blocks, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    q = torch.empty(2, 50, 6, 64, device="meta", dtype=dtype, requires_grad=True)
+    k, v = (torch.empty(2, 50, 2, 64, device="meta", dtype=dtype, requires_grad=True) for _ in range(2))
+    out = ring_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype
+    out.backward(torch.empty_like(out))
+    for tensor in (q, k, v):
+        assert tensor.grad.shape == tensor.shape and tensor.grad.dtype == dtype
+    prefix = "_" + kernel.replace("-", "_")
+    assert set(calls) == {prefix + "_forward", prefix + "_backward"}
+    # the efficient kernel's lse is padded to 32 rows; ours is cut to the query rows (25 per tile here)
+    out, lse = blocks.block_forward(kernel, *(torch.empty(2, 1, 25, 64, device="meta", dtype=dtype) for _ in range(3)),
+                                    0.125, True, None)
+    assert out.shape == (2, 1, 25, 64) and lse.shape == (2, 1, 25) and lse.dtype == torch.float32

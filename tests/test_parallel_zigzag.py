@@ -73,6 +73,22 @@ def test_shard_for_sequence_parallel_shifts_labels_over_the_whole_sequence():
     assert torch.equal(zigzag_unshard([s["input_ids"] for s in shards]), ids)
 
 
+def test_shard_for_sequence_parallel_keeps_already_shifted_labels():
+    """The training loop's batches carry labels shifted per document (-100 at each end): sharded unchanged."""
+    ids = torch.arange(16)[None] + 10
+    positions = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    targets = torch.cat([ids[:, 1:9], torch.tensor([[-100]]), ids[:, 10:], torch.tensor([[-100]])], dim=1)
+    batch = {"input_ids": ids, "labels": targets, "position_ids": positions}
+    shards = [shard_for_sequence_parallel(batch, r, 2, labels_shifted=True) for r in range(2)]
+    assert torch.equal(zigzag_unshard([s["shift_labels"] for s in shards]), targets)
+    assert torch.equal(zigzag_unshard([s["position_ids"] for s in shards]), positions)
+    # a group of one keeps the batch whole, of any length
+    odd = {"input_ids": ids[:, :15], "labels": targets[:, :15], "position_ids": positions[:, :15]}
+    whole = shard_for_sequence_parallel(odd, 0, 1, labels_shifted=True)
+    assert all(torch.equal(whole[k], odd[v]) for k, v in
+               [("input_ids", "input_ids"), ("shift_labels", "labels"), ("position_ids", "position_ids")])
+
+
 def test_shard_for_sequence_parallel_refuses_padding_mask_and_bad_lengths():
     ids = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(LongctxError, match="attention_mask"):

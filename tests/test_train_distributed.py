@@ -1,5 +1,6 @@
-"""torchrun with 2 gloo ranks on CPU: sequence-parallel stages (zigzag ring attention + FSDP2)
-give the 1-rank loss curve and weights."""
+"""2 gloo ranks on CPU: sequence-parallel stages (zigzag ring attention + FSDP2, under torchrun)
+give the 1-rank loss curve and weights, and a packed training step keeps documents apart on one
+rank and on two."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_llama
 
 from longctx.train.api import train_from_config
 from longctx.train.checkpoint import read_metrics
@@ -68,3 +70,113 @@ def test_two_rank_sequence_parallel_matches_one_rank(tmp_path, tiny_llama, corpu
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
     metadata = json.loads((tmp_path / "ring" / "out" / "longctx.json").read_text())
     assert metadata["sequence_parallel"] == 2 and metadata["rope_parameters"]["rope_type"] == "yarn"
+
+
+# --- packed documents: one training step keeps documents apart, on one rank and on two --------------
+
+PACKED_SEQ_LEN = 64
+DOCUMENT_LENGTHS = (37, 50, 41)  # two rows of 64: [37 | 27 of 50], [the other 23 | 41]
+
+
+def packed_batch():
+    """Two packed rows as longctx.train.data makes them: positions restart per document, labels pre-shifted."""
+    from longctx.train.data import Document, collate, pack_documents
+
+    generator = torch.Generator().manual_seed(11)
+    documents = [Document(torch.randint(3, 259, (n,), generator=generator).tolist()) for n in DOCUMENT_LENGTHS]
+    return collate(list(pack_documents(documents, PACKED_SEQ_LEN)))
+
+
+def segments(position_ids):
+    """(row, start, end) of every document piece in the packed rows."""
+    pieces = []
+    for row, positions in enumerate(position_ids.tolist()):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        pieces += [(row, a, b) for a, b in zip(starts, starts[1:])]
+    return pieces
+
+
+def step_config(model_dir, sequence_parallel):
+    from longctx.train.config import parse_config
+
+    return parse_config({
+        "model": str(model_dir), "activation_checkpointing": True, "loss_chunk_size": 48,
+        "parallel": {"sequence_parallel": sequence_parallel}, "data": {"source": "synthetic-passkey"},
+        "stages": [{"seq_len": PACKED_SEQ_LEN, "steps": 1, "learning_rate": 1.0}],
+    })
+
+
+def reference_gradients(model_dir, batch, across_documents=False):
+    """The mean-loss gradients of stock transformers: each document run on its own (or, with
+    across_documents, whole rows attended causally across documents: an all-ones attention_mask
+    turns off transformers' packed-sequence detection)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if across_documents:
+        mask = torch.ones_like(batch["input_ids"])
+        logits = [model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False).logits]
+        labels = [batch["labels"]]
+    else:
+        pieces = segments(batch["position_ids"])
+        logits = [model(batch["input_ids"][row:row + 1, a:b], use_cache=False).logits for row, a, b in pieces]
+        labels = [batch["labels"][row:row + 1, a:b] for row, a, b in pieces]
+    logits = torch.cat([x.flatten(0, 1) for x in logits])
+    labels = torch.cat([y.flatten() for y in labels])
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def one_training_step(model_dir, batch, sequence_parallel):
+    """longctx's own step (load_model, CausalLMLoss, FSDP2 and ring attention under sequence parallelism,
+    train_step) with SGD at learning rate 1: returns (loss, the parameter update) on rank 0."""
+    from longctx.train import checkpoint as ckpt
+    from longctx.train.loop import load_model, setup_runtime, shard_module, train_step
+    from longctx.train.loss import CausalLMLoss
+
+    runtime = setup_runtime(sequence_parallel)
+    model, _ = load_model(model_dir, step_config(model_dir, sequence_parallel), runtime)
+    module = CausalLMLoss(model, chunk_size=48)
+    before = {name: tensor.clone() for name, tensor in ckpt.full_model_state(module, distributed=False).items()}
+    if runtime.distributed:
+        shard_module(module, runtime)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = train_step(module, optimizer, scheduler, [batch], runtime, grad_clip=0.0)
+    after = ckpt.full_model_state(module, runtime.distributed)
+    if not runtime.is_main:
+        return loss, None
+    return loss, {name.removeprefix("model."): before[name] - after[name] for name in before}
+
+
+def assert_update_is(update, expected_loss, expected_grads, loss):
+    assert loss == pytest.approx(expected_loss, abs=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(update[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _two_rank_step(rank, world_size, model_dir, batch, expected_loss, expected_grads):
+    os.environ["WORLD_SIZE"] = str(world_size)  # what torchrun sets; setup_runtime reads it
+    loss, update = one_training_step(model_dir, batch, sequence_parallel=2)
+    if rank == 0:
+        assert_update_is(update, expected_loss, expected_grads, loss)
+
+
+def test_packed_documents_stay_apart_in_a_training_step_on_one_and_two_ranks(tmp_path):
+    """The 1-rank step (sdpa: transformers reads restarting position_ids as packed sequences) and the
+    2-rank step (zigzag ring attention + FSDP2) both equal the documents trained one by one."""
+    from test_parallel_ring import run_ranks
+
+    # larger initial weights than the default make attention peaked, so crossing documents shows
+    model_dir = make_tiny_llama(tmp_path / "tiny", initializer_range=0.2)
+    batch = packed_batch()
+    assert len(segments(batch["position_ids"])) == 4  # a document is cut at the row end
+    expected_loss, expected_grads = reference_gradients(model_dir, batch)
+    _, crossing_grads = reference_gradients(model_dir, batch, across_documents=True)
+    # attending across documents would be far outside the tolerances used below
+    assert max((crossing_grads[n] - g).abs().max().item() for n, g in expected_grads.items()) > 1e-3
+
+    loss, update = one_training_step(model_dir, batch, sequence_parallel=1)
+    assert_update_is(update, expected_loss, expected_grads, loss)
+    run_ranks(2, _two_rank_step, model_dir, batch, expected_loss, expected_grads)

@@ -12,6 +12,7 @@ wrong at another: reuse is refused and every prompt is prefilled from scratch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +112,13 @@ class Answer:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prefix: PrefixCache, ids: list[int], shared: int, max_new_tokens: int) -> Answer:
-    """Greedy continuation of the prompt, stopping at end of sequence or at the end of the first line."""
+def greedy_answer(
+    model, tokenizer, prefix: PrefixCache, ids: list[int], shared: int, max_new_tokens: int,
+    settled: Callable[[str], bool] | None = None,
+) -> Answer:
+    """Greedy continuation of the prompt, stopping at end of sequence, at the end of the first line,
+    or as soon as `settled(text)` says more tokens cannot change the score. On CPU a decode step
+    reads every weight, so the steps saved matter as much as a few hundred prompt tokens each."""
     cache, position = prefix.start(ids, shared)
     logits = prefill(model, cache, ids[position:], chunk_size=prefix.chunk_size, keep=1)
     stop_ids = _stop_ids(model, tokenizer)
@@ -123,7 +129,7 @@ def greedy_answer(model, tokenizer, prefix: PrefixCache, ids: list[int], shared:
             break
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        if "\n" in text.lstrip():
+        if "\n" in text.lstrip() or (settled is not None and settled(text.lstrip())):
             break
         logits = model(
             input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True

@@ -24,7 +24,7 @@ from longctx.eval.engine import (
 )
 from longctx.eval.haystacks import build_haystack, encode
 from longctx.eval.prompts import PromptBuilder, detect_style
-from longctx.eval.tasks import Task, score_answer
+from longctx.eval.tasks import Task, score_answer, score_is_settled
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,10 @@ class Evaluator:
                 score = sum(scored) / len(scored)
             else:
                 budget = len(encode(self.tokenizer, sample.answer)) + EXTRA_NEW_TOKENS
-                answer = greedy_answer(self.model, self.tokenizer, self.prefix, prompt.ids, prompt.shared_prefix, budget)
+                answer = greedy_answer(
+                    self.model, self.tokenizer, self.prefix, prompt.ids, prompt.shared_prefix, budget,
+                    settled=lambda text: score_is_settled(sample, text),
+                )
                 score = score_answer(sample, answer.text)
         finally:
             self.model.train(was_training)

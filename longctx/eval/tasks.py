@@ -215,3 +215,11 @@ def score_answer(sample: Sample, answer: str) -> float:
     if sample.scoring == "all_values":
         return string_match_all(answer, sample.expected)
     return keyword_recall(answer, sample.expected[0], sample.question)
+
+
+def score_is_settled(sample: Sample, answer: str) -> bool:
+    """Whether no continuation of this partial answer can change its score, so generation may stop:
+    the first integer has ended (first_integer), or the score is already 1 (recall scores only grow)."""
+    if sample.scoring == "first_integer":
+        return re.search(r"\d+\D", answer) is not None
+    return score_answer(sample, answer) == 1.0

@@ -8,23 +8,40 @@ contribution". The backward takes the FINAL output and lse of the whole ring (no
 with those, exp(scores - lse) is the true attention probability, and the block's gradients add up
 to the exact full-attention gradients (the flash-attention backward identity).
 
-Two kernels:
+Kernels (PyTorch's own; `choose_kernel` picks one for a device and dtype):
 - `cpu-flash`: PyTorch's CPU flash-attention kernel (`_scaled_dot_product_flash_attention_for_cpu`
   and its backward), which returns lse, handles GQA natively and never materializes the scores.
+- `cuda-flash`: `_scaled_dot_product_flash_attention` and its backward (float16/bfloat16, head_dim
+  a multiple of 8 up to 256); lse [b, h, sq].
+- `cuda-efficient`: `_scaled_dot_product_efficient_attention` and its backward (any float dtype);
+  its lse comes padded to a multiple of 32 query rows, so it is cut on the way out and padded
+  again for the backward.
 - `math`: explicit scores in float32, any device; memory O(q_seq x k_seq) per block.
+The CUDA kernels take no document mask here: a block with one (`allowed` given) runs on `math`.
+They are checked against `math` on a small problem the first time they are chosen for a (device,
+dtype, head_dim); a kernel that fails or disagrees is replaced by `math`, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 NEG_INF = float("-inf")
+
+_CUDA_KERNELS = ("cuda-flash", "cuda-efficient")
+_LSE_ROW_ALIGNMENT = 32  # the efficient kernel's lse has its query rows padded to this
 
 
 def block_forward(kernel: str, q, k, v, scale: float, causal: bool, allowed: torch.Tensor | None):
     """(out [b, h, sq, d] in q.dtype or float32, lse [b, h, sq] float32) for one block."""
     if kernel == "cpu-flash":
         return _cpu_flash_forward(q, k, v, scale, causal, allowed)
+    if kernel == "cuda-flash" and allowed is None:
+        return _cuda_flash_forward(q, k, v, scale, causal)
+    if kernel == "cuda-efficient" and allowed is None:
+        return _cuda_efficient_forward(q, k, v, scale, causal)
     return _math_forward(q, k, v, scale, causal, allowed)
 
 
@@ -32,7 +49,65 @@ def block_backward(kernel: str, dout, q, k, v, out, lse, scale: float, causal: b
     """(dq, dk, dv) of one block, given the final out/lse rows for these queries."""
     if kernel == "cpu-flash":
         return _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, allowed)
+    if kernel == "cuda-flash" and allowed is None:
+        return _cuda_flash_backward(dout, q, k, v, out, lse, scale, causal)
+    if kernel == "cuda-efficient" and allowed is None:
+        return _cuda_efficient_backward(dout, q, k, v, out, lse, scale, causal)
     return _math_backward(dout, q, k, v, out, lse, scale, causal, allowed)
+
+
+def preferred_kernel(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The kernel for a device type and dtype, before any check: a kernel that returns lse, else math."""
+    if device_type == "cpu":
+        return "cpu-flash"
+    if device_type == "cuda" and head_dim % 8 == 0:
+        if dtype in (torch.float16, torch.bfloat16) and head_dim <= 256:
+            return "cuda-flash"
+        return "cuda-efficient"
+    return "math"
+
+
+_checked_kernels: dict[tuple, str] = {}
+
+
+def choose_kernel(q: torch.Tensor, math_only: bool = False) -> str:
+    """The kernel for blocks of q's device and dtype; a CUDA kernel only once it has matched `math` there."""
+    if math_only:
+        return "math"
+    kernel = preferred_kernel(q.device.type, q.dtype, q.shape[-1])
+    if kernel not in _CUDA_KERNELS:
+        return kernel
+    key = (kernel, str(q.device), q.dtype, q.shape[-1])
+    if key not in _checked_kernels:
+        _checked_kernels[key] = kernel if kernel_matches_math(kernel, q.device, q.dtype, q.shape[-1]) else "math"
+    return _checked_kernels[key]
+
+
+def kernel_matches_math(kernel: str, device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `kernel` gives math's output, lse and gradients on small random blocks (causal, and not, with
+    a query count that is not a multiple of 32); warns and returns False when it differs or fails."""
+    generator = torch.Generator().manual_seed(0)
+    tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-3)
+    try:
+        for q_len, k_len, causal in ((50, 50, True), (50, 96, False)):
+            q, dout = (torch.randn(2, 1, q_len, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+            k, v = (torch.randn(2, 1, k_len, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+            scale = head_dim ** -0.5
+            out, lse = block_forward(kernel, q, k, v, scale, causal, None)
+            expected_out, expected_lse = _math_forward(q, k, v, scale, causal, None)
+            final_out = expected_out.to(dtype)  # both backwards from the same final output and lse
+            grads = block_backward(kernel, dout, q, k, v, final_out, expected_lse, scale, causal, None)
+            expected_grads = _math_backward(dout, q, k, v, final_out, expected_lse, scale, causal, None)
+            pairs = [(out, expected_out), (lse, expected_lse), *zip(grads, expected_grads)]
+            worst = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+            if not worst <= tolerance * max(1.0, max(float(b.float().abs().max()) for _, b in pairs)):
+                raise ValueError(f"differs from the math kernel by {worst:.3g}")
+    except Exception as error:  # a kernel this PyTorch build or GPU lacks, or one whose layout we misread
+        warnings.warn(f"ring attention: kernel {kernel} on {device} {dtype} head_dim {head_dim} is not usable "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the math kernel",
+                      stacklevel=3)
+        return False
+    return True
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -56,6 +131,37 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, allowed):
         dout, q, k, v, out, lse, 0.0,
         causal and allowed is None, attn_mask=attn_mask, scale=scale,
     )
+
+
+def _cuda_flash_forward(q, k, v, scale, causal):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out, lse
+
+
+def _cuda_flash_backward(dout, q, k, v, out, lse, scale, causal):
+    # no dropout: the random-number state is not read, but the op takes one
+    philox_seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    philox_offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal,
+        philox_seed, philox_offset, scale=scale,
+    )
+
+
+def _cuda_efficient_forward(q, k, v, scale, causal):
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]]
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, scale, causal):
+    q_len = q.shape[2]
+    padded_lse = lse.new_zeros(*lse.shape[:-1], -(-q_len // _LSE_ROW_ALIGNMENT) * _LSE_ROW_ALIGNMENT)
+    padded_lse[..., :q_len] = lse
+    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, padded_lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale,
+    )
+    return dq, dk, dv
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -9,9 +9,15 @@ same work):
   step 0        local q  x local k/v, causal (the local layout is in sequence order);
   src < rank    all q    x first half of k/v (chunk src is before both of our chunks);
   src > rank    second half of q x all k/v (our late chunk is after both of theirs).
-Partial results are merged in float32 in the log-sum-exp form. The backward is a second ring:
-k/v travel again, and the float32 dK/dV accumulators travel with them and arrive home after a
-full turn. Saved for backward: q, k, v, out and lse, i.e. O(local sequence), like flash attention.
+Each block is computed as tiles cut at the zigzag halves, one query head per kernel call, so a
+call's outputs and gradients are a quarter of one head's block. Partial results are merged in
+float32 in the log-sum-exp form. The backward is a second ring, one KV head at a time: each
+head's k, v and its float32 dK/dV accumulators travel one tensor at a time (a conveyor, one tensor
+in flight, advanced between kernel calls), and the accumulators arrive home after a full turn.
+Saved for backward: q, k, v, out and lse, i.e. O(local sequence), like flash attention. Peak
+memory of one forward+backward per rank (in units of one head's [seq_local, head_dim] float32
+tensor, with GQA heads h and kv heads g): inputs, output gradient, output and dq (4h + 2g), one
+step's k, v, dK, dV (4g), one tensor in transit and one tile's gradients.
 
 Packed documents: position_ids that restart at 0 mark document starts. A query at global index i
 with position p starts its document at i - p, so it may attend key j iff i - p <= j (and j <= i
@@ -22,13 +28,14 @@ which the zigzag layout gives, so no document ids travel around the ring.
 from __future__ import annotations
 
 import importlib.util
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from longctx.errors import LongctxError
-from longctx.parallel.blocks import block_backward, block_forward
+from longctx.parallel.blocks import NEG_INF, block_backward, block_forward, choose_kernel
 from longctx.parallel.zigzag import zigzag_global_indices
 
 BACKENDS = ("auto", "torch", "torch-math", "ring-flash-attn")
@@ -88,7 +95,42 @@ def _sendable(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.contiguous(), False
 
 
-_KV_TAG, _GRAD_TAG = 0, 1
+_KV_TAG, _CONVEYOR_TAG = 0, 1
+
+
+class _Conveyor:
+    """Moves tensors one hop along the ring (to rank+1, from rank-1), one at a time, in the order they are queued.
+
+    Every rank queues the same sequence of (key, tensor); the tensor that arrives under a key is the
+    previous rank's. At most one tensor is in flight: pump() completes it (freeing the sent copy)
+    and posts the next, and is called between kernel calls, so each transfer overlaps one kernel
+    call while the memory in transit is one tensor, not whole K/V and dK/dV blocks.
+    """
+
+    def __init__(self, ring: _Ring):
+        self.ring = ring
+        self.queued: deque[tuple[tuple, torch.Tensor]] = deque()
+        self.in_flight: tuple[tuple, tuple] | None = None
+        self.arrived: dict[tuple, torch.Tensor] = {}
+
+    def send(self, key: tuple, tensor: torch.Tensor) -> None:
+        self.queued.append((key, tensor))
+
+    def pump(self) -> None:
+        if self.in_flight is not None:
+            key, pending = self.in_flight
+            self.in_flight = None
+            (self.arrived[key],) = _Ring.wait(pending)
+        if self.queued:
+            key, tensor = self.queued.popleft()
+            self.in_flight = key, self.ring.start([tensor], _CONVEYOR_TAG)
+
+    def receive(self, key: tuple) -> torch.Tensor:
+        while key not in self.arrived:
+            if self.in_flight is None and not self.queued:
+                raise RuntimeError(f"ring conveyor: {key} was never sent")
+            self.pump()
+        return self.arrived.pop(key)
 
 
 @dataclass(frozen=True)
@@ -98,27 +140,34 @@ class _RingConfig:
     world_size: int
     scale: float
     causal: bool
-    kernel: str  # "cpu-flash" or "math" (see blocks.py)
+    kernel: str  # "cpu-flash", "cuda-flash", "cuda-efficient" or "math" (see blocks.py)
 
 
 @dataclass(frozen=True)
-class _Block:
+class _Tile:
     q: slice
     k: slice
     causal: bool
 
 
-def _block_for_step(step: int, rank: int, world_size: int, seq_local: int, causal: bool) -> _Block:
-    everything = slice(0, seq_local)
-    if not causal:
-        return _Block(everything, everything, False)
-    if step == 0:
-        return _Block(everything, everything, True)
+def _tiles_for_step(step: int, rank: int, world_size: int, seq_local: int, causal: bool) -> list[_Tile]:
+    """The (query rows, key rows) tiles of this rank's block at a ring step, cut at the zigzag halves.
+
+    Each tile is at most half x half of the local length, so one kernel call's output and
+    gradients are a quarter of a full block's. Every rank gets the same work: two full tiles, or
+    at step 0 one full and two causal (half) tiles.
+    """
     half = seq_local // 2
-    source = (rank - step) % world_size
-    if source < rank:
-        return _Block(everything, slice(0, half), False)
-    return _Block(slice(half, seq_local), everything, False)
+    early, late = slice(0, half), slice(half, seq_local)
+    if not causal:
+        tiles = [_Tile(q, k, False) for q in (early, late) for k in (early, late)]
+    elif step == 0:  # the local layout is in sequence order
+        tiles = [_Tile(early, early, True), _Tile(late, early, False), _Tile(late, late, True)]
+    elif (rank - step) % world_size < rank:  # its early chunk precedes both of ours, its late one follows both
+        tiles = [_Tile(early, early, False), _Tile(late, early, False)]
+    else:  # both source chunks lie between our early and late chunks
+        tiles = [_Tile(late, early, False), _Tile(late, late, False)]
+    return [t for t in tiles if t.q.start < t.q.stop and t.k.start < t.k.stop]
 
 
 def _global_indices(seq_local: int, rank: int, world_size: int, device) -> torch.Tensor:
@@ -127,14 +176,14 @@ def _global_indices(seq_local: int, rank: int, world_size: int, device) -> torch
     return zigzag_global_indices(seq_local, rank, world_size, device=device)
 
 
-def _block_mask(block: _Block, doc_start, q_index, k_index):
-    """The block's boolean mask [b, 1, sq, sk], None when nothing is masked beyond plain causality, False when all is."""
+def _tile_mask(tile: _Tile, doc_start, q_index, k_index):
+    """The tile's boolean mask [b, 1, sq, sk], None when nothing is masked beyond plain causality, False when all is."""
     if doc_start is None:
         return None
-    k_global = k_index[block.k]
-    allowed = k_global[None, None, :] >= doc_start[:, block.q, None]
-    if block.causal:
-        allowed = allowed & (k_global[None, None, :] <= q_index[block.q][None, :, None])
+    k_global = k_index[tile.k]
+    allowed = k_global[None, None, :] >= doc_start[:, tile.q, None]
+    if tile.causal:
+        allowed = allowed & (k_global[None, None, :] <= q_index[tile.q][None, :, None])
     elif bool(allowed.all()):
         return None
     if not bool(allowed.any()):
@@ -142,11 +191,21 @@ def _block_mask(block: _Block, doc_start, q_index, k_index):
     return allowed[:, None]
 
 
+def _step_tiles(step: int, doc_start, q_index, config: _RingConfig) -> list[tuple[_Tile, torch.Tensor | None]]:
+    """(tile, mask) for the tiles of this step that have anything to attend to."""
+    seq_local = q_index.shape[0]
+    source = (config.rank - step) % config.world_size
+    k_index = _global_indices(seq_local, source, config.world_size, q_index.device)
+    tiles = [(tile, _tile_mask(tile, doc_start, q_index, k_index))
+             for tile in _tiles_for_step(step, config.rank, config.world_size, seq_local, config.causal)]
+    return [(tile, allowed) for tile, allowed in tiles if allowed is not False]
+
+
 def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """out, lse (float32 views) <- the softmax-weighted union of (out, lse) and the block's result.
 
     out = out - sigmoid(lse_b - lse) (out - out_b); lse = lse - logsigmoid(lse - lse_b); rows where
-    either side is empty (lse -inf) take the other side.
+    either side is empty (lse -inf) take the other side (exactly: out starts at 0, lse at -inf).
     """
     weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).unsqueeze(-1)
     correction = torch.sub(out, block_out).mul_(weight)
@@ -157,65 +216,91 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
 
 
 def _ring_forward(q, k, v, doc_start, config: _RingConfig):
-    seq_local = q.shape[2]
-    out = lse = None
+    """(out float32 [b, h, s, d] with q's memory layout, lse float32 [b, h, s]).
+
+    The next step's K/V are posted whole before a step's tiles are computed (double buffering),
+    so their transfer overlaps the step's compute. Each kernel call covers one query head and one
+    tile, and is merged into `out` at once, so the transient is a quarter of one head's output.
+    """
+    batch, heads, seq_local, _ = q.shape
+    group_size = heads // k.shape[1]
+    out = torch.zeros_like(q, dtype=torch.float32)  # [b, s, h, d] in memory when q is: the caller's transpose is free
+    lse = torch.full((batch, heads, seq_local), NEG_INF, dtype=torch.float32, device=q.device)
     q_index = _global_indices(seq_local, config.rank, config.world_size, q.device)
     k_cur, v_cur = k, v
     for step in range(config.world_size):
         pending = config.ring.start([k_cur, v_cur], _KV_TAG) if step + 1 < config.world_size else None
-        source = (config.rank - step) % config.world_size
-        block = _block_for_step(step, config.rank, config.world_size, seq_local, config.causal)
-        k_index = _global_indices(seq_local, source, config.world_size, q.device)
-        allowed = _block_mask(block, doc_start, q_index, k_index)
-        if allowed is not False:
-            block_out, block_lse = block_forward(
-                config.kernel, q[:, :, block.q], k_cur[:, :, block.k], v_cur[:, :, block.k],
-                config.scale, block.causal, allowed,
-            )
-            if step == 0:  # the local block covers every query row (each attends at least to itself)
-                out, lse = block_out.float(), block_lse
-            else:
-                _merge_into(out[:, :, block.q], lse[:, :, block.q], block_out, block_lse)
-            del block_out, block_lse
+        for tile, allowed in _step_tiles(step, doc_start, q_index, config):
+            for head in range(heads):
+                kv_head = slice(head // group_size, head // group_size + 1)
+                rows = (slice(None), slice(head, head + 1), tile.q)
+                tile_out, tile_lse = block_forward(
+                    config.kernel, q[rows], k_cur[:, kv_head, tile.k], v_cur[:, kv_head, tile.k],
+                    config.scale, tile.causal, allowed,
+                )
+                _merge_into(out[rows], lse[rows], tile_out, tile_lse)
+                del tile_out, tile_lse
         if pending is not None:
             k_cur, v_cur = _Ring.wait(pending)
+            del pending  # the sent buffers: free the previous step's k/v now
     return out, lse
 
 
 def _ring_backward(dout, q, k, v, out, lse, doc_start, config: _RingConfig):
-    seq_local = q.shape[2]
-    dq = None
+    """(dq, dk, dv) in float32 with q's, k's and v's memory layout.
+
+    A second ring, one KV head at a time: at each step, for each KV head, take its k, v and the
+    float32 dK/dV accumulators that travel with them, add this rank's tiles (final out/lse make each
+    tile's gradients exact), and hand all four to the conveyor for the next rank. dq accumulates in
+    place. After the last step only dK/dV move on, and one more hop brings every rank its own.
+    What this rank holds at once is its inputs, dq, one step's K/V + dK/dV (spread over the KV heads,
+    current or already received), one tensor in transit and one tile's gradients.
+    """
+    batch, heads, seq_local, _ = q.shape
+    kv_heads = k.shape[1]
+    group_size = heads // kv_heads
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    # the returned dK/dV, in k's and v's layout; without a ring they are accumulated in place
+    dk = torch.zeros_like(k, dtype=torch.float32) if config.ring is None else torch.empty_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32) if config.ring is None else torch.empty_like(v, dtype=torch.float32)
+    conveyor = _Conveyor(config.ring) if config.ring is not None else None
     q_index = _global_indices(seq_local, config.rank, config.world_size, q.device)
-    k_cur, v_cur = k, v
-    grads_pending = None
+    last_step = config.world_size - 1
     for step in range(config.world_size):
-        last = step + 1 == config.world_size
-        kv_pending = None if last else config.ring.start([k_cur, v_cur], _KV_TAG)
-        source = (config.rank - step) % config.world_size
-        block = _block_for_step(step, config.rank, config.world_size, seq_local, config.causal)
-        k_index = _global_indices(seq_local, source, config.world_size, q.device)
-        allowed = _block_mask(block, doc_start, q_index, k_index)
-        if step == 0:  # the local block covers all of q and k/v (every row attends at least to itself)
-            dq, dk, dv = (g.float() for g in block_backward(
-                config.kernel, dout, q, k, v, out, lse, config.scale, block.causal, allowed,
-            ))
-        else:
-            dk, dv = _Ring.wait(grads_pending)  # the accumulators of the k/v we now hold
-            if allowed is not False:
-                block_dq, block_dk, block_dv = block_backward(
-                    config.kernel, dout[:, :, block.q], q[:, :, block.q], k_cur[:, :, block.k], v_cur[:, :, block.k],
-                    out[:, :, block.q], lse[:, :, block.q], config.scale, block.causal, allowed,
-                )
-                dq[:, :, block.q] += block_dq
-                dk[:, :, block.k] += block_dk
-                dv[:, :, block.k] += block_dv
-                del block_dq, block_dk, block_dv
-        if config.world_size > 1:
-            grads_pending = config.ring.start([dk, dv], _GRAD_TAG)
-        if kv_pending is not None:
-            k_cur, v_cur = _Ring.wait(kv_pending)
-    if grads_pending is not None:
-        dk, dv = _Ring.wait(grads_pending)  # after a full turn: the gradients of our own k/v
+        tiles = _step_tiles(step, doc_start, q_index, config)
+        for kv_head in range(kv_heads):
+            if conveyor is None:
+                heads_of = slice(kv_head, kv_head + 1)
+                k_h, v_h, dk_h, dv_h = k[:, heads_of], v[:, heads_of], dk[:, heads_of], dv[:, heads_of]
+            elif step == 0:
+                k_h, v_h = k[:, kv_head:kv_head + 1], v[:, kv_head:kv_head + 1]
+                dk_h = torch.zeros(k_h.shape, dtype=torch.float32, device=k.device)
+                dv_h = torch.zeros(v_h.shape, dtype=torch.float32, device=v.device)
+            else:
+                k_h, v_h, dk_h, dv_h = (conveyor.receive((step - 1, name, kv_head)) for name in ("k", "v", "dk", "dv"))
+            for tile, allowed in tiles:
+                for head in range(kv_head * group_size, (kv_head + 1) * group_size):
+                    if conveyor is not None:
+                        conveyor.pump()
+                    rows = (slice(None), slice(head, head + 1), tile.q)
+                    dq_tile, dk_tile, dv_tile = block_backward(
+                        config.kernel, dout[rows], q[rows], k_h[:, :, tile.k], v_h[:, :, tile.k], out[rows], lse[rows],
+                        config.scale, tile.causal, allowed,
+                    )
+                    dq[rows] += dq_tile
+                    dk_h[:, :, tile.k] += dk_tile
+                    dv_h[:, :, tile.k] += dv_tile
+                    del dq_tile, dk_tile, dv_tile
+            if conveyor is not None:
+                moving = {"dk": dk_h, "dv": dv_h} if step == last_step else {"k": k_h, "v": v_h, "dk": dk_h, "dv": dv_h}
+                for name, tensor in moving.items():
+                    conveyor.send((step, name, kv_head), tensor)
+                del moving
+            del k_h, v_h, dk_h, dv_h
+    if conveyor is not None:  # one more hop: every rank's own dK/dV come home
+        for kv_head in range(kv_heads):
+            dk[:, kv_head:kv_head + 1].copy_(conveyor.receive((last_step, "dk", kv_head)))
+            dv[:, kv_head:kv_head + 1].copy_(conveyor.receive((last_step, "dv", kv_head)))
     return dq, dk, dv
 
 
@@ -358,7 +443,7 @@ def ring_attention_bhsd(q, k, v, *, group=None, causal=True, softmax_scale=None,
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True, group=group
         )
         return out.transpose(1, 2)
-    kernel = "cpu-flash" if chosen == "torch" and q.device.type == "cpu" else "math"
+    kernel = choose_kernel(q, math_only=chosen == "torch-math")
     ring = _Ring(group) if world_size > 1 else None
     config = _RingConfig(ring, rank, world_size, scale, causal, kernel)
     return _RingAttention.apply(q, k, v, doc_start, config)

@@ -16,7 +16,7 @@ IGNORE_INDEX = -100
 def _check_divisible(length: int, world_size: int, what: str) -> None:
     if world_size < 1:
         raise LongctxError(f"world_size must be at least 1, got {world_size}")
-    if length % (2 * world_size):
+    if world_size > 1 and length % (2 * world_size):
         raise LongctxError(
             f"{what} length {length} is not divisible by 2 x world_size = {2 * world_size}; "
             "pad the batch first with longctx.parallel.pad_for_zigzag"
@@ -24,10 +24,15 @@ def _check_divisible(length: int, world_size: int, what: str) -> None:
 
 
 def zigzag_shard(x: torch.Tensor, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
-    """Rank `rank`'s zigzag shard of `x` along `dim`: chunks rank and 2·world_size-1-rank, concatenated."""
+    """Rank `rank`'s zigzag shard of `x` along `dim`: chunks rank and 2·world_size-1-rank, concatenated.
+
+    A group of one holds the whole sequence: `x` itself, of any length.
+    """
     if not 0 <= rank < world_size:
         raise LongctxError(f"rank {rank} is outside the group of size {world_size}")
     _check_divisible(x.shape[dim], world_size, "sequence")
+    if world_size == 1:
+        return x
     chunks = x.chunk(2 * world_size, dim=dim)
     return torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], dim=dim)
 
@@ -91,7 +96,9 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def shard_for_sequence_parallel(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def shard_for_sequence_parallel(
+    batch: dict[str, torch.Tensor], rank: int, world_size: int, *, labels_shifted: bool = False
+) -> dict[str, torch.Tensor]:
     """One rank's slice of a [batch, seq] training batch, zigzag-sharded.
 
     Reads `input_ids`, optional `labels` (HF-style, aligned with input_ids: the model would shift
@@ -100,8 +107,11 @@ def shard_for_sequence_parallel(batch: dict[str, torch.Tensor], rank: int, world
     when labels were given, `shift_labels`: labels shifted over the WHOLE sequence before sharding,
     so `shift_labels[i]` is the target of `input_ids[i]` even at a shard boundary. Compute the loss
     from them directly (see `sequence_parallel_loss`); do not pass them as `labels=` to the model,
-    which would shift them a second time. An all-ones `attention_mask` is dropped; any other raises,
-    since padding is expressed with labels -100 (see `pad_for_zigzag`). Other keys pass through.
+    which would shift them a second time. `labels_shifted=True` says the labels already are those
+    targets (as `longctx.train.data` packs them, -100 at each document's end): they are sharded
+    unchanged. An all-ones `attention_mask` is dropped; any other raises, since padding is
+    expressed with labels -100 (see `pad_for_zigzag`). Other keys pass through. A group of one
+    (world_size 1) gets the whole batch, of any length.
     """
     if "input_ids" not in batch:
         raise LongctxError("the batch has no input_ids")
@@ -130,5 +140,6 @@ def shard_for_sequence_parallel(batch: dict[str, torch.Tensor], rank: int, world
     if labels is not None:
         if labels.shape != input_ids.shape:
             raise LongctxError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
-        shard["shift_labels"] = zigzag_shard(shift_labels(labels), rank, world_size)
+        targets = labels if labels_shifted else shift_labels(labels)
+        shard["shift_labels"] = zigzag_shard(targets, rank, world_size)
     return shard

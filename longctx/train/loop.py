@@ -219,26 +219,24 @@ def lr_factor(stage: StageConfig, step: int, total_steps: int) -> float:
 # --- one optimizer step ----------------------------------------------------------------------------
 
 
-def shard_batch(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
-    """This rank's zigzag shard of input_ids, position_ids and labels (labels were shifted in data.py)."""
-    batch = {key: value.to(runtime.device) for key, value in batch.items()}
-    if runtime.sp_size == 1:
-        return batch
-    from longctx.parallel import zigzag_shard
-
-    return {key: zigzag_shard(value, runtime.sp_rank, runtime.sp_size) for key, value in batch.items()}
-
-
 def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime: Runtime, grad_clip: float,
                precision: str = "float32") -> float:
-    """Forward/backward over the micro-batches and one optimizer step; returns the step's mean loss."""
+    """Forward/backward over the micro-batches and one optimizer step; returns the step's mean loss.
+
+    Each micro-batch (input_ids, position_ids, labels shifted in data.py) is zigzag-sharded over
+    the sequence-parallel group (a group of one keeps it whole).
+    """
+    from longctx.parallel import shard_for_sequence_parallel
+
     count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
     scale = runtime.sp_size / max(count, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
-        local = shard_batch(batch, runtime)
+        batch = {key: value.to(runtime.device) for key, value in batch.items()}
+        local = shard_for_sequence_parallel(batch, runtime.sp_rank, runtime.sp_size, labels_shifted=True)
         with torch.autocast(runtime.device.type, dtype=DTYPES[precision], enabled=precision != "float32"):
-            local_sum, _ = module(input_ids=local["input_ids"], position_ids=local["position_ids"], labels=local["labels"])
+            local_sum, _ = module(input_ids=local["input_ids"], position_ids=local["position_ids"],
+                                  labels=local["shift_labels"])
         (local_sum * scale).backward()
         loss_sum += local_sum.detach().double().cpu()
     if grad_clip:
