@@ -1,8 +1,11 @@
 """Benchmark: `longctx extract-lora` against `mergekit-extract-lora` on the same pair and rank.
 
-For each pair, both tools run in their own subprocess under /usr/bin/time -v (peak RSS);
-each adapter's reconstruction error ||dW - BA|| / ||dW|| is then measured by the same
-code (longctx.lora.extract.measure_adapter) over every LoRA module.
+For each pair, both tools run in their own subprocess under GNU time (wall, peak RSS; CPU
+time from the children's rusage); each adapter's reconstruction error ||dW - BA|| / ||dW||
+is then measured by the same code (longctx.lora.extract.measure_adapter) over every LoRA
+module. longctx's run is broken down into start-up (imports; the floor is measured:
+`python -c "import torch"`), set-up and the tensor pass with its phases, from the
+timings in its extraction_report.json.
 
 Pairs (generated under --workdir, never in the repo):
   smollm2  SmolLM2-135M-Instruct (float32) and a SYNTHETIC "extended" model: the base
@@ -13,15 +16,19 @@ Pairs (generated under --workdir, never in the repo):
            8192, vocab 128256, tied embeddings) with random bf16 weights written tensor by
            tensor; --llama-layers of its 16 layers (default 16).
 
-Run (heavy: hold the shared lock):
-  flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --pair smollm2 --rank 32
-  flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --pair llama1b --rank 32 --llama-layers 2
+Run (heavy: hold the shared lock). One command per pair, or step by step (each step saves
+its figures in <workdir>/<pair>-r<rank>.json; `report` prints the tables):
+  flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --pair smollm2 --rank 32 --repeat 3
+  for step in generate longctx mergekit measure report; do
+    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --pair llama1b --rank 32 --step $step
+  done
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -152,9 +159,62 @@ def make_llama1b_base(out_dir: Path, layers: int, *, seed: int = 0) -> Path:
     return out_dir
 
 
-def _timed(command: list[str], log_path: Path) -> dict:
+# ---------------------------------------------------------------------------------------
+# Steps. Each writes its figures into <workdir>/<pair>-r<rank>.json, so a run can be split
+# into commands that each fit a slot of the shared lock (generate / longctx / mergekit /
+# measure / report) and resumed.
+
+
+def pair_paths(pair: str, workdir: Path, layers: int) -> tuple[str, Path, Path, str]:
+    """(label, base dir, extended dir, factor dtype) of a pair, generating it if needed."""
+    if pair == "smollm2":
+        base = with_architectures(resolve_model("smollm2-135m"), workdir / "smollm2-base")
+        extended = make_extended(base, workdir / "smollm2-extended-synthetic-v2")
+        return "SmolLM2-135M (synthetic delta), fp32", base, extended, "float32"
+    base = make_llama1b_base(workdir / f"llama1b-shaped-{layers}l-base", layers)
+    extended = make_extended(base, workdir / f"llama1b-shaped-{layers}l-extended")
+    return f"Llama-3.2-1B-shaped bf16, {layers} of 16 layers", base, extended, "bfloat16"
+
+
+def measured_run(command: list[str], log_path: Path) -> dict:
+    """Wall seconds, CPU seconds (user + system, the command and its children) and peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds, peak = run_measured(command, log_path)
-    return {"seconds": seconds, "peak_rss_mb": peak / 1024**2}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": seconds, "cpu_s": cpu, "peak_rss_mb": peak / 1024**2}
+
+
+def tool_command(tool: str, base: Path, extended: Path, out_dir: Path, rank: int, dtype: str) -> list[str]:
+    if tool == "longctx":
+        return [str(VENV_BIN / "longctx"), "extract-lora", str(base), str(extended), "--output", str(out_dir),
+                "--rank", str(rank), "--dtype", dtype, "--no-progress"]
+    return [str(VENV_BIN / "mergekit-extract-lora"), "--model", str(extended), "--base-model", str(base),
+            "--out-path", str(out_dir), "--max-rank", str(rank), "--no-cuda", "--quiet"]
+
+
+def run_tool(tool: str, base: Path, extended: Path, rank: int, dtype: str, workdir: Path, key: str, repeat: int) -> dict:
+    """`repeat` runs of one tool; the figures of each run, and the median run's."""
+    out_dir = workdir / f"{key}-{tool}-r{rank}"
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        runs.append(measured_run(tool_command(tool, base, extended, out_dir, rank, dtype), workdir / f"{key}-{tool}.log"))
+    median = sorted(runs, key=lambda run: run["wall_s"])[len(runs) // 2]
+    result = {**median, "runs": runs, "adapter": str(out_dir), "command": " ".join(tool_command(tool, base, extended, out_dir, rank, dtype))}
+    if tool == "longctx":
+        result["timings"] = read_json(out_dir / "extraction_report.json")["summary"]["timings"]
+    return result
+
+
+def import_floor(repeat: int = 3) -> dict:
+    """Wall seconds of `python -c 'import torch'` and of importing the extract-lora code (median of `repeat`)."""
+    floor = {}
+    for label, code in (("python_import_torch_s", "import torch"),
+                        ("python_import_extract_s", "import longctx.cli, longctx.lora.extract")):
+        times = sorted(run_measured([sys.executable, "-c", code])[0] for _ in range(repeat))
+        floor[label] = times[len(times) // 2]
+    return floor
 
 
 def adapter_error(base: Path, extended: Path, adapter: Path) -> dict:
@@ -164,55 +224,65 @@ def adapter_error(base: Path, extended: Path, adapter: Path) -> dict:
             "adapter_mb": (adapter / "adapter_model.safetensors").stat().st_size / 1e6}
 
 
-def bench_pair(name: str, base: Path, extended: Path, rank: int, dtype: str, workdir: Path) -> dict:
-    ours_dir, theirs_dir = workdir / f"{name}-longctx-r{rank}", workdir / f"{name}-mergekit-r{rank}"
-    for directory in (ours_dir, theirs_dir):
-        shutil.rmtree(directory, ignore_errors=True)
-    ours = _timed([str(VENV_BIN / "longctx"), "extract-lora", str(base), str(extended), "--output", str(ours_dir),
-                      "--rank", str(rank), "--dtype", dtype, "--no-progress"], workdir / f"{name}-longctx.log")
-    theirs = _timed([str(VENV_BIN / "mergekit-extract-lora"), "--model", str(extended), "--base-model", str(base),
-                        "--out-path", str(theirs_dir), "--max-rank", str(rank), "--no-cuda", "--quiet"], workdir / f"{name}-mergekit.log")
-    ours.update(adapter_error(base, extended, ours_dir))
-    theirs.update(adapter_error(base, extended, theirs_dir))
-    return {"pair": name, "rank": rank, "longctx": ours, "mergekit": theirs}
-
-
-def print_table(result: dict) -> None:
+def print_tables(result: dict) -> None:
     ours, theirs = result["longctx"], result["mergekit"]
-    print(f"\n## {result['pair']}, rank {result['rank']} ({ours['modules']} LoRA modules)")
-    print("| tool | wall s | peak RSS MB | mean rel. error | max rel. error | adapter MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n## {result['label']}, rank {result['rank']} ({ours.get('modules', '?')} LoRA modules)")
+    print("| tool | wall s | CPU s | peak RSS MB | mean rel. error | max rel. error | adapter MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, row in (("longctx extract-lora", ours), ("mergekit-extract-lora", theirs)):
-        print(f"| {label} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {row['mean_error']:.5f} | {row['max_error']:.5f} | {row['adapter_mb']:.1f} |")
-    print(f"| **mergekit / longctx** | **{theirs['seconds'] / ours['seconds']:.2f}x** | **{theirs['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x** "
-          f"| {theirs['mean_error'] / ours['mean_error']:.4f} | {theirs['max_error'] / ours['max_error']:.4f} | |")
+        print(f"| {label} | {row['wall_s']:.2f} | {row['cpu_s']:.1f} | {row['peak_rss_mb']:.0f} | {row.get('mean_error', float('nan')):.5f} "
+              f"| {row.get('max_error', float('nan')):.5f} | {row.get('adapter_mb', float('nan')):.1f} |")
+    ratio = lambda key: theirs[key] / ours[key]  # noqa: E731
+    errors = (f"{ours['mean_error'] / theirs['mean_error']:.4f} | {ours['max_error'] / theirs['max_error']:.4f}"
+              if "mean_error" in ours and "mean_error" in theirs else " | ")
+    print(f"| **mergekit / longctx** | **{ratio('wall_s'):.2f}x** | **{ratio('cpu_s'):.2f}x** | **{ratio('peak_rss_mb'):.2f}x** "
+          f"| longctx / mergekit: {errors} | |")
+    for tool, row in (("longctx", ours), ("mergekit", theirs)):
+        walls = ", ".join(f"{run['wall_s']:.2f}" for run in row["runs"])
+        print(f"{tool} wall times of {len(row['runs'])} run(s): {walls} s (median shown)")
+    timings, floor = ours.get("timings"), result.get("floor")
+    if timings and floor:
+        inside = timings["setup_seconds"] + timings["tensor_pass_seconds"]
+        phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in timings["phase_seconds"].items())
+        print(f"\nwhere longctx's {ours['wall_s']:.2f} s go: process start-up and imports {ours['wall_s'] - inside:.2f} s "
+              f"(floor: `python -c 'import torch'` {floor['python_import_torch_s']:.2f} s, torch + longctx "
+              f"{floor['python_import_extract_s']:.2f} s), set-up (layout, checks) {timings['setup_seconds']:.2f} s, "
+              f"tensor pass {timings['tensor_pass_seconds']:.2f} s on {timings['workers']} workers "
+              f"(thread-seconds: {phases}; read {timings['bytes_read'] / 1e6:.0f} MB at {timings['read_mb_per_second']:.0f} MB/s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", choices=("smollm2", "llama1b", "both"), default="both")
+    parser.add_argument("--pair", choices=("smollm2", "llama1b"), required=True)
+    parser.add_argument("--step", choices=("all", "generate", "longctx", "mergekit", "measure", "report"), default="all")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--llama-layers", type=int, default=16,
                         help="layers of the Llama-3.2-1B-shaped pair (16 = the real depth)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each tool; the median wall time is reported")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/longctx-bench-extract"))
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    results = []
-    if args.pair in ("smollm2", "both"):
-        base = with_architectures(resolve_model("smollm2-135m"), args.workdir / "smollm2-base")
-        extended = make_extended(base, args.workdir / "smollm2-extended-synthetic-v2")
-        results.append(bench_pair("smollm2-135m (synthetic delta)", base, extended, args.rank, "float32", args.workdir))
-        print_table(results[-1])
-    if args.pair in ("llama1b", "both"):
-        base = make_llama1b_base(args.workdir / f"llama1b-shaped-{args.llama_layers}l-base", args.llama_layers)
-        extended = make_extended(base, args.workdir / f"llama1b-shaped-{args.llama_layers}l-extended")
-        label = f"Llama-3.2-1B-shaped bf16, {args.llama_layers} of 16 layers"
-        results.append(bench_pair(label, base, extended, args.rank, "bfloat16", args.workdir))
-        print_table(results[-1])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    label, base, extended, dtype = pair_paths(args.pair, args.workdir, args.llama_layers)
+    key = args.pair if args.pair == "smollm2" else f"llama1b-{args.llama_layers}l"
+    results_path = args.workdir / f"{key}-r{args.rank}.json"
+    result = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    result.update(pair=args.pair, label=label, rank=args.rank)
+    steps = ("longctx", "mergekit", "measure", "report") if args.step == "all" else (args.step,)
+    for step in steps:
+        if step in ("longctx", "mergekit"):
+            result[step] = run_tool(step, base, extended, args.rank, dtype, args.workdir, key, args.repeat)
+            if step == "longctx":
+                result["floor"] = import_floor()
+            print(f"{step}: {result[step]['wall_s']:.2f} s wall, {result[step]['cpu_s']:.1f} s CPU, "
+                  f"{result[step]['peak_rss_mb']:.0f} MB peak RSS", flush=True)
+        elif step == "measure":  # the adapters not measured yet
+            for tool in ("longctx", "mergekit"):
+                if tool in result and "mean_error" not in result[tool]:
+                    result[tool].update(adapter_error(base, extended, Path(result[tool]["adapter"])))
+        elif step == "report":
+            print_tables(result)
+        results_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

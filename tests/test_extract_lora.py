@@ -372,3 +372,102 @@ def test_real_default_model_round_trip(default_model_dir, tmp_path):
     merged = merged_through_peft(default_model_dir, tmp_path / "adapter")
     torch.testing.assert_close(logits(in_extended_config(merged, extended)), logits(load(extended)), atol=2e-3, rtol=0)
     assert json.loads((tmp_path / "adapter" / "longctx.json").read_text())["max_position_embeddings"] == 32768
+
+
+def test_parallel_workers_write_the_same_adapter_as_one(tmp_path):
+    base = make_tiny_llama(tmp_path / "base", seed=0)
+    extended = make_extended(base, tmp_path / "extended", norm=True, bias=False, delta_rank=12)
+    reports = {}
+    for workers in (1, 2, 3):
+        reports[workers] = extract_lora(base, extended, tmp_path / f"adapter-{workers}", rank=4, workers=workers,
+                                        show_progress=False)
+        assert reports[workers]["summary"]["timings"]["workers"] == workers
+    one = (tmp_path / "adapter-1" / "adapter_model.safetensors").read_bytes()
+    for workers in (2, 3):
+        assert (tmp_path / f"adapter-{workers}" / "adapter_model.safetensors").read_bytes() == one
+        without_seconds = [[{k: v for k, v in m.items() if k != "seconds"} for m in reports[w]["modules"]] for w in (1, workers)]
+        assert without_seconds[0] == without_seconds[1]
+    timings = reports[2]["summary"]["timings"]
+    assert {"read", "factorize", "measure error", "write"} <= set(timings["phase_seconds"])
+    assert timings["bytes_read"] > 0 and timings["read_mb_per_second"] > 0
+    with pytest.raises(LongctxError, match="--workers must be a positive"):
+        extract_lora(base, extended, tmp_path / "bad", rank=4, workers=0, show_progress=False)
+
+
+def test_ordered_parallel_map_keeps_order_and_the_memory_budget():
+    import threading
+    import time
+
+    from longctx.lora.extract import ordered_parallel_map
+
+    lock, running, peaks = threading.Lock(), {}, []
+
+    def work(item):
+        name, cost = item
+        with lock:
+            running[name] = cost
+            peaks.append((len(running), sum(running.values())))
+        time.sleep(0.02)
+        with lock:
+            del running[name]
+        return name
+
+    items = [(f"small{i}", 1) for i in range(6)] + [("large", 4)] + [(f"after{i}", 1) for i in range(4)]
+    results = list(ordered_parallel_map(work, items, cost=lambda item: item[1], budget=4, workers=2))
+    assert results == [name for name, _ in items]
+    assert max(count for count, _ in peaks) == 2  # the small ones ran side by side
+    assert max(cost for _, cost in peaks) <= 4  # the large one ran alone
+    assert list(ordered_parallel_map(work, items[:3], cost=lambda item: item[1], budget=4, workers=1)) == ["small0", "small1", "small2"]
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
+    ("mistral", {}),
+    ("qwen2", {}),
+    ("qwen3", {"tie_word_embeddings": True}),
+])
+def test_layout_read_from_the_checkpoint_matches_transformers(tmp_path, model_type, overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longctx.lora.extract import layout_from_checkpoint, layout_from_transformers
+
+    config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, **overrides)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]  # as save_pretrained stores a tied model
+    ours = layout_from_checkpoint(json.loads((tmp_path / "config.json").read_text()), shapes)
+    theirs = layout_from_transformers(tmp_path)
+    assert ours is not None
+    assert (ours.embedding_module, ours.lm_head_module, ours.tied_embeddings) == (
+        theirs.embedding_module, theirs.lm_head_module, theirs.tied_embeddings)
+    assert ours.module_kind == {module: theirs.module_kind[module] for module in ours.module_kind}
+    assert set(ours.module_kind) == {module for module, params in theirs.module_params.items()
+                                     if any(f"{module}.{param}" in shapes for param in params)} | {"lm_head"}
+    assert {name: ours.param_module[name] for name in shapes} == {name: theirs.param_module[name] for name in shapes}
+    assert set(ours.all_modules) <= set(theirs.all_modules)
+
+
+def test_layout_falls_back_to_transformers_outside_the_known_decoders():
+    from longctx.lora.extract import layout_from_checkpoint
+
+    shapes = {"model.embed_tokens.weight": (300, 64), "model.layers.0.mlp.up_proj.weight": (128, 64),
+              "model.norm.weight": (64,)}
+    assert layout_from_checkpoint({"model_type": "llama"}, shapes) is not None
+    assert layout_from_checkpoint({"model_type": "gemma"}, shapes) is None
+    assert layout_from_checkpoint({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}, shapes) is None
+    assert layout_from_checkpoint({"model_type": "llama"}, {**shapes, "model.layers.0.experts": (4, 128, 64)}) is None
+
+
+def test_llama_pair_is_extracted_without_building_the_model_in_transformers(pair, tmp_path, monkeypatch):
+    def refuse(model_dir):
+        raise AssertionError("transformers was asked for the layout")
+
+    monkeypatch.setattr("longctx.lora.extract.layout_from_transformers", refuse)
+    base, extended = pair
+    extract_lora(base, extended, tmp_path / "adapter", rank=3, show_progress=False)
+    assert_same_weights(merged_through_peft(base, tmp_path / "adapter"), load(extended), atol=1e-5)

@@ -10,6 +10,7 @@ from longctx.lora.lowrank import (
     frobenius_sq,
     rank_for_energy,
     residual_stats,
+    svd_wide,
 )
 
 
@@ -103,3 +104,36 @@ def test_residual_is_measured_with_the_factors_as_given():
     exact = residual_stats(delta, factors.A, factors.B).relative_error
     rounded = residual_stats(delta, factors.A.bfloat16(), factors.B.bfloat16()).relative_error
     assert exact < 1e-5 < rounded < 1e-2  # the bf16 cast costs precision, and the report says so
+
+
+def low_rank_plus_noise(rows, cols, seed=0):
+    """A fine-tune-like delta: rank 16 with decaying singular values, plus dense noise carrying
+    about 1% of its energy (the flat tail that makes a randomized sketch work hardest)."""
+    generator = torch.Generator().manual_seed(seed)
+    structured = matrix_with_spectrum(rows, cols, [2.0 ** (-i / 4) for i in range(16)], seed=seed)
+    noise = torch.randn(rows, cols, generator=generator)
+    return structured + noise * (0.1 * torch.linalg.norm(structured) / torch.linalg.norm(noise))
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (192, 576), (1536, 576), (576, 1536)])  # SmolLM2's projections
+def test_randomized_error_within_one_percent_of_exact_on_a_flat_tail(shape):
+    delta = low_rank_plus_noise(*shape)
+    factors = factor_fixed_rank(delta, 32, generator=torch.Generator().manual_seed(0))
+    assert factors.method == "randomized"
+    assert residual_stats(delta, factors.A, factors.B).relative_error <= exact_error(delta, 32) * 1.01
+
+
+@pytest.mark.parametrize("shape", [(48, 576), (48, 48), (40, 1536)])
+def test_wide_svd_through_qr_matches_lapack(shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    u, s, vh = svd_wide(matrix)
+    torch.testing.assert_close(s, torch.linalg.svdvals(matrix), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((u * s) @ vh, matrix, rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(shape[0]), rtol=0, atol=1e-5)
+
+
+def test_frobenius_is_float64_accurate_on_large_matrices():
+    matrix = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(4)) * 0.02 + 0.001
+    exact = float(torch.linalg.vector_norm(matrix.double()) ** 2)
+    assert abs(frobenius_sq(matrix) - exact) <= 1e-8 * exact
+    assert frobenius_sq(torch.tensor([3.0, 4.0])) == 25.0

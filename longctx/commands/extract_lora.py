@@ -10,8 +10,8 @@ DESCRIPTION = """\
 Extract what EXTENDED (a long-context fine-tune) learned on top of BASE as a LoRA adapter,
 so that `merge-adapters` can give the same ability to any sibling fine-tune of BASE.
 
-Tensors are paired by name and streamed one pair at a time (peak memory is set by the
-largest matrix, not by the model). Each changed linear layer's delta dW is factored as
+Tensors are paired by name and streamed, a few pairs side by side on --workers threads
+(peak memory is set by the largest matrix, not by the model or the worker count). Each changed linear layer's delta dW is factored as
 B @ A by a randomized SVD (exact SVD when the rank is close to the matrix size), with
 lora_alpha = r so PEFT's scaling is 1. The rank is fixed (--rank) or chosen per module as
 the smallest keeping a fraction of dW's energy sum(s^2) (--energy, capped by --max-rank).
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model*.bin checkpoints (pickle can run code: only for trusted files)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketch (default: %(default)s)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="tensor pairs read and factored side by side, each on one CPU thread; peak memory "
+                        "stays that of the largest pair (default: the CPUs available)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -85,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "mergekit":
         report = extract_lora_with_mergekit(
             args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
-            allow_pickle=args.allow_pickle, seed=args.seed, **common,
+            allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers, **common,
         )
     else:
         report = extract_lora(
             args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
-            allow_pickle=args.allow_pickle, seed=args.seed, **common,
+            allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers, **common,
         )
     print(format_summary(report))
     return 0
@@ -101,6 +104,14 @@ def _size(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def format_timings(timings: dict) -> str:
+    """One line: where the time went, phases in seconds summed over the workers."""
+    phases = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in timings["phase_seconds"].items())
+    return (f"  time: set-up {timings['setup_seconds']:.1f} s, tensor pass {timings['tensor_pass_seconds']:.1f} s on "
+            f"{timings['workers']} worker(s) ({phases} s); read {_size(timings['bytes_read'])} at "
+            f"{timings['read_mb_per_second']:.0f} MB/s")
 
 
 def format_summary(report: dict) -> str:
@@ -125,5 +136,7 @@ def format_summary(report: dict) -> str:
     if len(skipped) > 5:
         lines.append(f"  ... {len(skipped) - 5} more skipped (see the report)")
     lines.append(f"adapter: {report['output']} ({_size(summary['adapter_bytes'])}) in {summary['seconds']:.1f} s")
+    if "timings" in summary:
+        lines.append(format_timings(summary["timings"]))
     lines.append(f"report:  {report['output']}/extraction_report.json; rope settings of EXTENDED in longctx.json")
     return "\n".join(lines)

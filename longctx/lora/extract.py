@@ -2,8 +2,10 @@
 
     base + adapter ~= extended
 
-Tensors are paired by name and processed one pair at a time, in the extended model's
-shard order, so peak memory is set by the largest matrix and not by the model:
+Tensors are paired by name and processed in the extended model's shard order, a few
+pairs side by side on worker threads (as many as there are CPUs, while their summed
+footprint stays within that of the largest pair), so peak memory is set by the largest
+matrix and not by the model:
 
 - a targeted linear layer's weight delta (float32) is factored into B @ A by
   longctx.lora.lowrank (fixed rank, or the smallest rank keeping an energy fraction);
@@ -25,7 +27,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +39,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.lora import adapter_format
-from longctx.lora.lowrank import factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
+from longctx.lora.lowrank import FactorStats, factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
 from longctx.models.metadata import read_metadata, write_metadata
 
@@ -41,7 +47,6 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "extraction_report.json"
 COMPARE_BLOCK_BYTES = 64 * 1024**2
-SINGLE_THREAD_NUMEL = 1 << 20
 DEFAULT_RANK = 64
 EMBEDDING_POLICIES = ("full", "lora", "skip")
 VOCAB_POLICIES = ("error", "keep-base")
@@ -60,6 +65,7 @@ class ExtractionSettings:
     device: str = "cpu"
     allow_pickle: bool = False
     seed: int = 0
+    workers: int | None = None  # tensor pairs processed side by side; None: the CPUs available
 
     def validate(self) -> None:
         if self.rank is not None and self.energy is not None:
@@ -81,6 +87,10 @@ class ExtractionSettings:
             raise LongctxError(f"--vocab-policy must be one of {', '.join(VOCAB_POLICIES)}, got {self.vocab_policy!r}")
         if self.dtype not in DTYPES:
             raise LongctxError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.workers is None:
+            self.workers = available_cpus()
+        if self.workers <= 0:
+            raise LongctxError(f"--workers must be a positive integer, got {self.workers}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise LongctxError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
@@ -102,7 +112,67 @@ class ModelLayout:
     lm_head_module: str | None
 
 
-def model_layout(model_dir: Path) -> ModelLayout:
+# Decoder families whose CausalLM is embed_tokens, then layers of nn.Linear projections and
+# 1-D norms, then lm_head: their layout can be read from the checkpoint's names and shapes,
+# which spares importing transformers' modeling code (about 2 s of a 4 s run on SmolLM2).
+CHECKPOINT_LAYOUT_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+EMBEDDING_MODULE, LM_HEAD_MODULE = "model.embed_tokens", "lm_head"
+
+
+def model_layout(model_dir: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> ModelLayout:
+    """The layout from the checkpoint where the architecture allows, else from transformers."""
+    return layout_from_checkpoint(config, shapes) or layout_from_transformers(model_dir)
+
+
+def layout_from_checkpoint(config: dict, shapes: dict[str, tuple[int, ...]]) -> ModelLayout | None:
+    """Module kinds from tensor names and shapes, for CHECKPOINT_LAYOUT_ARCHITECTURES only:
+    a module with a 2-D weight is a linear layer, one with a 1-D weight a norm. None when
+    the config or a tensor does not fit that pattern (the caller then asks transformers)."""
+    model_type = config.get("model_type")
+    expected = CHECKPOINT_LAYOUT_ARCHITECTURES.get(model_type)
+    if expected is None or "text_config" in config or config.get("architectures", [expected]) != [expected]:
+        return None
+    module_params: dict[str, list[str]] = {}
+    weight_dims: dict[str, int] = {}
+    for name, shape in shapes.items():
+        module, _, param = name.rpartition(".")
+        if param not in ("weight", "bias") or not (module.startswith("model.") or module == LM_HEAD_MODULE) or len(shape) > 2:
+            return None
+        module_params.setdefault(module, []).append(param)
+        if param == "weight":
+            weight_dims[module] = len(shape)
+    module_params.setdefault(LM_HEAD_MODULE, ["weight"])  # a tied checkpoint may not store it
+    weight_dims.setdefault(LM_HEAD_MODULE, 2)
+    if weight_dims.get(EMBEDDING_MODULE) != 2 or weight_dims[LM_HEAD_MODULE] != 2:
+        return None
+    module_kind = {}
+    for module in module_params:
+        if module == EMBEDDING_MODULE:
+            module_kind[module] = "embedding"
+        elif module == LM_HEAD_MODULE:
+            module_kind[module] = "lm_head"
+        else:
+            module_kind[module] = "linear" if weight_dims.get(module) == 2 else "other"
+    param_module = {f"{module}.{param}": (module, param) for module, params in module_params.items() for param in params}
+    parents = {module.rsplit(".", i)[0] for module in module_params for i in range(module.count(".") + 1)}
+    return ModelLayout(
+        module_kind=module_kind,
+        param_module=param_module,
+        module_params=module_params,
+        all_modules=sorted(parents),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        embedding_module=EMBEDDING_MODULE,
+        lm_head_module=LM_HEAD_MODULE,
+    )
+
+
+def layout_from_transformers(model_dir: Path) -> ModelLayout:
+    """Module kinds of any architecture transformers knows, from a meta-device instance."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -212,22 +282,16 @@ def _ignored_tensors(layout: ModelLayout) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# The extraction itself.
-
-
-@dataclass
-class _Progress:
-    bytes_read: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def rate(self) -> float:
-        return self.bytes_read / max(time.perf_counter() - self.started, 1e-9) / 1e6
+# The extraction itself. Worker threads load, compare and factor tensor pairs, each torch
+# op on one CPU thread (the cores are used by running pairs side by side, not by splitting
+# small matrix products across threads, whose spin-waiting made the factorization 18x
+# slower on a busy 2-core machine); the main thread records the outcomes and writes the
+# adapter in checkpoint order.
 
 
 @contextlib.contextmanager
 def _cpu_threads(count: int | None):
-    """Run a block with `count` torch CPU threads (None: unchanged). On small matrices the
-    thread pool's start-up and spin-waiting cost more than the work (10x on a busy machine)."""
+    """Run a block with `count` torch CPU threads (None: unchanged)."""
     previous = torch.get_num_threads()
     if count is not None and count != previous:
         torch.set_num_threads(count)
@@ -236,6 +300,102 @@ def _cpu_threads(count: int | None):
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def ordered_parallel_map(work, items, *, cost, budget: int, workers: int):
+    """Yield work(item) for each item, in the items' order, with up to `workers` items in
+    flight (running, or done and not yet consumed) while their summed cost(item) stays
+    within `budget`; an item costing more than the budget runs alone. With the largest
+    item's memory footprint as the budget, peak memory stays that of one item at a time."""
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="extract-lora")
+    in_flight: deque = deque()  # (future, cost), oldest first
+    used = 0
+    try:
+        for item in items:
+            item_cost = cost(item)
+            while in_flight and (len(in_flight) >= workers or used + item_cost > budget):
+                future, done_cost = in_flight.popleft()
+                used -= done_cost
+                yield future.result()
+            in_flight.append((pool.submit(work, item), item_cost))
+            used += item_cost
+        while in_flight:
+            yield in_flight.popleft()[0].result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Tally:
+    """Bytes read and seconds per phase, of one tensor pair or (summed) of a whole run."""
+
+    bytes_read: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timing(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def add(self, other: "Tally") -> None:
+        self.bytes_read += other.bytes_read
+        for phase, seconds in other.seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+@dataclass
+class FactoredDelta:
+    """LoRA factors of one module's delta (B @ A ~ delta, already in the output dtype) and their measured error."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    stats: FactorStats
+    method: str  # "exact" or "randomized"
+    seconds: float
+
+
+def weight_delta(base_tensor: torch.Tensor, extended_tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """EXTENDED - BASE in float32 on `device`, with one allocation (no float32 copy of BASE)."""
+    delta = extended_tensor.to(device, torch.float32, copy=True)
+    delta -= base_tensor.to(device)
+    return delta
+
+
+def factor_delta(delta: torch.Tensor, settings: ExtractionSettings, *, generator: torch.Generator,
+                 tally: Tally) -> FactoredDelta:
+    """Factors of a float32 delta at the settings' rank or energy, cast to the output dtype,
+    and their relative error measured with the factors as cast."""
+    started = time.perf_counter()
+    with tally.timing("factorize"):
+        total = frobenius_sq(delta)
+        if settings.rank is not None:
+            factors = factor_fixed_rank(delta, settings.rank, generator=generator)
+        else:
+            factors = factor_for_energy(delta, settings.energy, max_rank=settings.max_rank, generator=generator)
+        out_dtype = DTYPES[settings.dtype]
+        a, b = factors.A.to(out_dtype), factors.B.to(out_dtype)
+    with tally.timing("measure error"):
+        stats = residual_stats(delta, a, b, total_energy=total)
+    return FactoredDelta(a.cpu(), b.cpu(), stats, factors.method, round(time.perf_counter() - started, 4))
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """The randomized SVD's generator for one tensor: set by the seed and the tensor's name
+    alone, so the adapter does not depend on the order in which workers reach the tensors."""
+    return torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
 
 
 def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -249,13 +409,36 @@ def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> t
     return fitted, max(0, extended_tensor.shape[0] - shared)
 
 
+@dataclass
+class _Task:
+    """What to do with one tensor pair, decided before reading it from the layout and the settings."""
+
+    name: str
+    module: str | None  # None: a tensor that is no module parameter
+    param: str | None
+    action: str  # "factor" | "bias" | "full" (copy to modules_to_save) | "skip" (report it if it changed)
+    reason: str = ""  # why a changed tensor is skipped
+    footprint: int = 0  # bytes it may hold at once: the pair, plus the float32 delta and workspace
+
+
+@dataclass
+class _Outcome:
+    """What a worker found for one task."""
+
+    task: _Task
+    changed: bool
+    tally: Tally
+    tensor: torch.Tensor | None = None  # full: EXTENDED's tensor; bias: the float32 delta
+    factored: FactoredDelta | None = None
+    dropped_rows: int = 0
+
+
 class _Extractor:
     """One pass over the tensor pairs: decisions per module, factors and copies streamed to the writer."""
 
     def __init__(self, base: TensorReader, extended: TensorReader, layout: ModelLayout, settings: ExtractionSettings,
                  writer: adapter_format.StreamingSafetensorsWriter):
         self.base, self.extended, self.layout, self.settings, self.writer = base, extended, layout, settings, writer
-        self.generator = torch.Generator().manual_seed(settings.seed)
         self.out_dtype = DTYPES[settings.dtype]
         self.modules: dict[str, dict] = {}  # module -> its report entry
         self.ranks: dict[str, int] = {}  # every module with LoRA factors -> rank
@@ -263,7 +446,10 @@ class _Extractor:
         self.bias_deltas: dict[str, torch.Tensor] = {}
         self.full_modules: set[str] = set()
         self.written_full: set[str] = set()
-        self.progress = _Progress()
+        self.tally = Tally()  # summed over all tensor pairs (worker seconds) and the main thread's writes
+        self.loop_seconds = 0.0
+        # a pickle reader keeps one shard loaded: workers would take turns reloading shards
+        self.workers = 1 if base.is_pickle or extended.is_pickle else settings.workers
 
     def targeted(self, module: str) -> bool:
         """Whether a module's delta is factored into LoRA (else copied whole, or skipped)."""
@@ -280,112 +466,162 @@ class _Extractor:
         item.update(fields)
         return item
 
-    def run(self, tensor_names: list[str], show_progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(tensor_names, desc="extract-lora", unit="tensor", disable=not show_progress)
-        for name in bar:
-            self.process(name)
-            bar.set_postfix_str(f"{self.progress.rate():.0f} MB/s", refresh=False)
-        self.finish()
-
-    def process(self, name: str) -> None:
+    def task(self, name: str) -> _Task:
         mapped = self.layout.param_module.get(name)
-        if self.identical(name):
-            if mapped:
-                self.entry(mapped[0])
-            return
         if not mapped:
-            self.entry(name, kind="skipped", reason="changed tensor that is no module parameter PEFT can load")
-            return
+            return self._sized(_Task(name, None, None, "skip", "changed tensor that is no module parameter PEFT can load"))
         module, param = mapped
         kind = self.layout.module_kind[module]
         if kind in ("embedding", "lm_head") and self.settings.embeddings == "skip":
-            self.entry(module, kind="skipped", reason="changed embedding (--embeddings skip)")
+            task = _Task(name, module, param, "skip", "changed embedding (--embeddings skip)")
         elif kind == "linear" and not self.targeted(module):
-            self.entry(module, kind="skipped", reason="changed linear layer not in --target-modules")
-        elif self.targeted(module):  # needs the delta: both tensors
-            base_tensor, extended_tensor = self.fitted_pair(module, name)
-            if torch.equal(base_tensor, extended_tensor):
-                return  # only dropped vocabulary rows differed
-            if param == "weight":
-                self.decompose(module, kind, base_tensor, extended_tensor)
-            else:
-                self.bias_deltas[module] = extended_tensor.float() - base_tensor.float()
-        else:  # norms, full-rank embeddings: the whole module goes to modules_to_save, with EXTENDED's values
-            if self.base.shape(name) == self.extended.shape(name):
-                extended_tensor = self.read(self.extended, name)
-            else:
-                _, extended_tensor = self.fitted_pair(module, name)
-            self.full_modules.add(module)
-            self.entry(module, kind="modules_to_save", shape=list(extended_tensor.shape))
-            self.write_full(module, param, extended_tensor)
+            task = _Task(name, module, param, "skip", "changed linear layer not in --target-modules")
+        elif self.targeted(module):
+            task = _Task(name, module, param, "factor" if param == "weight" else "bias")
+        else:  # norms, full-rank embeddings: the whole module goes to modules_to_save
+            task = _Task(name, module, param, "full")
+        return self._sized(task)
 
-    def read(self, reader: TensorReader, name: str, rows: slice | None = None) -> torch.Tensor:
-        tensor = reader.get(name, rows)
-        self.progress.bytes_read += tensor.numel() * tensor.element_size()
+    def _sized(self, task: _Task) -> _Task:
+        numel = math.prod(self.extended.shape(task.name))
+        task.footprint = numel * (self.base.dtype(task.name).itemsize + self.extended.dtype(task.name).itemsize)
+        if task.action in ("factor", "bias"):
+            task.footprint += 8 * numel  # the float32 delta and the residual's row blocks
+        return task
+
+    def run(self, tensor_names: list[str], show_progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        tasks = [self.task(name) for name in tensor_names]
+        budget = max((task.footprint for task in tasks), default=0)
+        started = time.perf_counter()
+        with tqdm(total=len(tasks), desc="extract-lora", unit="tensor", disable=not show_progress) as bar, _cpu_threads(1):
+            outcomes = ordered_parallel_map(self.load, tasks, cost=lambda task: task.footprint, budget=budget,
+                                            workers=self.workers)
+            for outcome in outcomes:
+                self.record(outcome)
+                rate = self.tally.bytes_read / max(time.perf_counter() - started, 1e-9) / 1e6
+                bar.update()
+                bar.set_postfix_str(f"{rate:.0f} MB/s", refresh=False)
+            self.finish()
+        self.loop_seconds = time.perf_counter() - started
+
+    # --- in the workers: read, compare, factor
+
+    def load(self, task: _Task) -> _Outcome:
+        outcome = _Outcome(task, changed=True, tally=Tally())
+        if task.action == "skip":  # only whether it changed
+            outcome.changed = not self.identical(task.name, outcome.tally)
+            return outcome
+        pair = self.changed_pair(task.name, outcome.tally)
+        if pair is None:
+            outcome.changed = False
+            return outcome
+        base_tensor, extended_tensor = pair
+        fitted, outcome.dropped_rows = _on_base_rows(base_tensor, extended_tensor)
+        refitted = fitted is not extended_tensor
+        del pair, extended_tensor
+        if task.action == "full":
+            outcome.tensor = fitted
+            return outcome
+        if refitted and torch.equal(base_tensor, fitted):
+            outcome.changed = False  # only dropped vocabulary rows differed
+            return outcome
+        with outcome.tally.timing("factorize"):
+            delta = weight_delta(base_tensor, fitted, self.settings.device)
+        del base_tensor, fitted  # the delta is all the factorization needs
+        if task.action == "bias":
+            outcome.tensor = delta.cpu()
+        else:
+            if self.layout.module_kind[task.module] == "embedding":
+                delta = delta.T  # PEFT's embedding delta is (B @ A)^T, A is r x num_embeddings
+            outcome.factored = factor_delta(delta, self.settings, generator=tensor_generator(self.settings.seed, task.name),
+                                            tally=outcome.tally)
+        return outcome
+
+    def read(self, reader: TensorReader, name: str, tally: Tally, rows: slice | None = None) -> torch.Tensor:
+        with tally.timing("read"):
+            tensor = reader.get(name, rows)
+        tally.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
-    def fitted_pair(self, module: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """BASE's tensor and EXTENDED's on BASE's vocabulary rows (--vocab-policy keep-base)."""
-        base_tensor = self.read(self.base, name)
-        extended_tensor, dropped_rows = _on_base_rows(base_tensor, self.read(self.extended, name))
-        if dropped_rows:
-            self.entry(module, dropped_vocabulary_rows=dropped_rows)
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.extended.shape(name)) * self.extended.dtype(name).itemsize
+
+    def changed_pair(self, name: str, tally: Tally) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """BASE's and EXTENDED's tensors, or None when they are equal. Each is read once;
+        a tensor larger than COMPARE_BLOCK_BYTES is first compared block by block, so an
+        unchanged embedding never needs two full copies in memory."""
+        large = self.nbytes(name) > COMPARE_BLOCK_BYTES
+        if large and self.identical(name, tally):
+            return None
+        base_tensor, extended_tensor = self.read(self.base, name, tally), self.read(self.extended, name, tally)
+        if not large and base_tensor.shape == extended_tensor.shape:
+            with tally.timing("compare"):
+                if torch.equal(base_tensor.to(extended_tensor.dtype), extended_tensor):
+                    return None
         return base_tensor, extended_tensor
 
-    def identical(self, name: str) -> bool:
-        """Bit-equal in both models; a large tensor is compared block by block, so an unchanged
-        embedding never needs two full copies in memory."""
+    def identical(self, name: str, tally: Tally) -> bool:
+        """Equal in both models, compared block by block (a block at a time in memory)."""
         shape = self.base.shape(name)
         if shape != self.extended.shape(name):
             return False
         if not shape or self.base.dtype(name) != self.extended.dtype(name):
-            base_tensor, extended_tensor = self.read(self.base, name), self.read(self.extended, name)
-            return torch.equal(base_tensor.to(extended_tensor.dtype), extended_tensor)
+            base_tensor, extended_tensor = self.read(self.base, name, tally), self.read(self.extended, name, tally)
+            with tally.timing("compare"):
+                return torch.equal(base_tensor.to(extended_tensor.dtype), extended_tensor)
         rows_per_block = max(1, COMPARE_BLOCK_BYTES // (math.prod(shape[1:]) * self.base.dtype(name).itemsize))
         for start in range(0, shape[0], rows_per_block):
             rows = slice(start, start + rows_per_block)
-            base_block, extended_block = self.read(self.base, name, rows), self.read(self.extended, name, rows)
-            if not torch.equal(base_block, extended_block):
-                return False
+            base_block, extended_block = self.read(self.base, name, tally, rows), self.read(self.extended, name, tally, rows)
+            with tally.timing("compare"):
+                if not torch.equal(base_block, extended_block):
+                    return False
         return True
 
-    def decompose(self, module: str, kind: str, base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> None:
-        started = time.perf_counter()
-        device = self.settings.device
-        delta = extended_tensor.to(device, torch.float32) - base_tensor.to(device, torch.float32)
-        del base_tensor, extended_tensor
-        is_embedding = kind == "embedding"
-        if is_embedding:
-            delta = delta.T  # PEFT: embedding delta = (B @ A)^T, A is r x num_embeddings
-        with _cpu_threads(1 if delta.numel() < SINGLE_THREAD_NUMEL else None):
-            total = frobenius_sq(delta)
-            if self.settings.rank is not None:
-                factors = factor_fixed_rank(delta, self.settings.rank, generator=self.generator)
+    # --- in the main thread: record, write
+
+    def record(self, outcome: _Outcome) -> None:
+        task = outcome.task
+        self.tally.add(outcome.tally)
+        if outcome.dropped_rows:
+            self.entry(task.module, dropped_vocabulary_rows=outcome.dropped_rows)
+        if not outcome.changed:
+            if task.module:
+                self.entry(task.module)
+            return
+        with self.tally.timing("write"):
+            if task.action == "skip":
+                self.entry(task.module or task.name, kind="skipped", reason=task.reason)
+            elif task.action == "bias":
+                self.bias_deltas[task.module] = outcome.tensor
+            elif task.action == "full":
+                self.full_modules.add(task.module)
+                self.entry(task.module, kind="modules_to_save", shape=list(outcome.tensor.shape))
+                self.write_full(task.module, task.param, outcome.tensor)
             else:
-                factors = factor_for_energy(
-                    delta, self.settings.energy, max_rank=self.settings.max_rank, generator=self.generator
-                )
-            a, b = factors.A.to(self.out_dtype), factors.B.to(self.out_dtype)
-            stats = residual_stats(delta, a, b, total_energy=total)
+                self.write_factors(task.module, outcome.factored)
+
+    def write_factors(self, module: str, factored: FactoredDelta) -> None:
+        is_embedding = self.layout.module_kind[module] == "embedding"
         if is_embedding:
-            self.writer.add(adapter_format.lora_key(module, "lora_embedding_A"), a)
-            self.writer.add(adapter_format.lora_key(module, "lora_embedding_B"), b)
+            self.writer.add(adapter_format.lora_key(module, "lora_embedding_A"), factored.A)
+            self.writer.add(adapter_format.lora_key(module, "lora_embedding_B"), factored.B)
         else:
             self.lora_targets.add(module)
-            self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), a)
-            self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), b)
-        self.ranks[module] = stats.rank
+            self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), factored.A)
+            self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), factored.B)
+        self.ranks[module] = factored.stats.rank
         self.entry(
             module,
             kind="lora_embedding" if is_embedding else "lora",
-            shape=list(delta.T.shape if is_embedding else delta.shape),
-            rank=stats.rank,
-            retained_energy=round(stats.retained_energy, 8),
-            relative_error=stats.relative_error,
-            method=factors.method,
-            seconds=round(time.perf_counter() - started, 4),
+            shape=list(self.base.shape(f"{module}.weight")),
+            rank=factored.stats.rank,
+            retained_energy=round(factored.stats.retained_energy, 8),
+            relative_error=factored.stats.relative_error,
+            method=factored.method,
+            seconds=factored.seconds,
         )
 
     def write_full(self, module: str, param: str, tensor: torch.Tensor) -> None:
@@ -421,7 +657,8 @@ class _Extractor:
             for param in self.layout.module_params[module]:
                 name = f"{module}.{param}"
                 if name not in self.written_full and name in self.extended:
-                    self.write_full(module, param, self.fitted_pair(module, name)[1])
+                    base_tensor = self.read(self.base, name, self.tally)
+                    self.write_full(module, param, _on_base_rows(base_tensor, self.read(self.extended, name, self.tally))[0])
         # a bias delta needs a LoRA layer to ride on: modules whose weight is unchanged get zero rank-1 factors
         for module in self.bias_deltas:
             if module not in self.lora_targets:
@@ -458,12 +695,13 @@ def extract_lora(
     allow_pickle: bool = False,
     overwrite: bool = False,
     seed: int = 0,
+    workers: int | None = None,
     show_progress: bool = True,
 ) -> dict:
     """Write a PEFT LoRA adapter with base + adapter ~= extended; returns the report dict."""
     settings = ExtractionSettings(
         rank=rank, energy=energy, max_rank=max_rank, target_modules=target_modules, embeddings=embeddings,
-        vocab_policy=vocab_policy, dtype=dtype, device=device, allow_pickle=allow_pickle, seed=seed,
+        vocab_policy=vocab_policy, dtype=dtype, device=device, allow_pickle=allow_pickle, seed=seed, workers=workers,
     )
     settings.validate()
     output_dir = check_output_free(output_dir, overwrite)
@@ -471,16 +709,16 @@ def extract_lora(
     base_config, extended_config = read_json(base_dir / "config.json"), read_json(extended_dir / "config.json")
     rope = _rope_settings(extended_config)
     started = time.perf_counter()
-    layout = model_layout(base_dir)
     if bool(_tied(base_config)) != bool(_tied(extended_config)):
         raise LongctxError("BASE and EXTENDED differ in tie_word_embeddings; the models have different architectures")
-    if layout.tied_embeddings and settings.embeddings == "lora":
-        raise LongctxError(
-            "--embeddings lora is not supported for models with tied embeddings (PEFT does not merge a LoRA on tied "
-            "embeddings correctly); use --embeddings full (the default) or skip"
-        )
     with TensorReader(base_dir, allow_pickle=allow_pickle) as base, \
             TensorReader(extended_dir, allow_pickle=allow_pickle) as extended:
+        layout = model_layout(base_dir, base_config, {name: base.shape(name) for name in base.names()})
+        if layout.tied_embeddings and settings.embeddings == "lora":
+            raise LongctxError(
+                "--embeddings lora is not supported for models with tied embeddings (PEFT does not merge a LoRA on tied "
+                "embeddings correctly); use --embeddings full (the default) or skip"
+            )
         check_compatible(base_config, extended_config, base, extended, layout, settings)
         _check_targets(settings, layout)
         ignored = _ignored_tensors(layout)
@@ -492,7 +730,8 @@ def extract_lora(
                 extractor.run(names, show_progress)
                 if not writer.names():
                     raise LongctxError("BASE and EXTENDED have identical weights: there is no difference to extract")
-                writer.close()
+                with extractor.tally.timing("write"):
+                    writer.close()
             except BaseException:
                 writer.abort()
                 raise
@@ -548,8 +787,22 @@ def _report(base_dir: Path, extended_dir: Path, settings: ExtractionSettings, ex
             "target_modules": settings.target_modules, "embeddings": settings.embeddings,
             "vocab_policy": settings.vocab_policy, "dtype": settings.dtype, "device": settings.device, "seed": settings.seed,
         },
-        "summary": summarize(modules, adapter_bytes, seconds, errors),
+        "summary": {**summarize(modules, adapter_bytes, seconds, errors), "timings": _timings(extractor, seconds)},
         "modules": [m for m in modules if m["kind"] != "unchanged"],
+    }
+
+
+def _timings(extractor: _Extractor, seconds: float) -> dict:
+    """Where the time went: set-up (layout, checks) vs the pass over the tensors, and per
+    phase the seconds summed over the workers (so they may add up to more than the pass)."""
+    tally, loop = extractor.tally, extractor.loop_seconds
+    return {
+        "workers": extractor.workers,
+        "setup_seconds": round(seconds - loop, 3),
+        "tensor_pass_seconds": round(loop, 3),
+        "phase_seconds": {phase: round(value, 3) for phase, value in tally.seconds.items()},
+        "bytes_read": tally.bytes_read,
+        "read_mb_per_second": round(tally.bytes_read / max(loop, 1e-9) / 1e6, 1),
     }
 
 
@@ -607,7 +860,7 @@ def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir:
             scaling = adapter_format.module_scaling(config, module)
             a = adapter.get_tensor(a_key).float()
             b = adapter.get_tensor(b_key).float() * scaling
-            with _cpu_threads(1 if delta.numel() < SINGLE_THREAD_NUMEL else None):
+            with _cpu_threads(1):
                 total = frobenius_sq(delta)
                 stats = residual_stats(delta, a, b, total_energy=total) if total > 0 else None
             entries.append({
