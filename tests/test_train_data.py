@@ -1,13 +1,16 @@
 """Packing keeps document boundaries; sources are deterministic and resumable by position."""
 
 import json
+import random
 
 import pytest
 from conftest import make_tokenizer
 
 from longctx.errors import LongctxError
 from longctx.train.config import DataConfig
-from longctx.train.data import IGNORE_INDEX, BatchStream, Document, pack_documents, packed_rows, passkey_documents
+from longctx.train.data import (
+    IGNORE_INDEX, BatchStream, Document, pack_documents, packed_rows, passkey_documents, row_lengths,
+)
 
 
 def test_packing_restarts_positions_and_never_predicts_across_a_boundary():
@@ -40,19 +43,69 @@ def test_packed_rows_attend_within_documents_only(tiny_llama):
     torch.testing.assert_close(packed[0, 20:], alone[0], atol=1e-5, rtol=1e-4)
 
 
-def test_passkey_documents_are_needle_prompts_with_the_answer():
+def test_passkey_documents_are_needle_prompts_with_the_answer_filling_rows():
+    """Documents of varied lengths (the answer must not sit at one position), each a whole
+    needle prompt + answer + EOS, filling rows of seq_len exactly: packing never cuts one."""
     tokenizer = make_tokenizer()
-    documents = passkey_documents(tokenizer, 400, seed=3, loss="answer")
-    for _ in range(3):
+    seq_len = 900  # the byte-level prompt's fixed parts take about 280 tokens
+    documents = passkey_documents(tokenizer, seq_len, seed=3, loss="answer")
+    lengths, filled = set(), 0
+    for _ in range(12):
         document = next(documents)
-        assert len(document.ids) == 400
-        text = tokenizer.decode(document.ids)
+        lengths.add(len(document.ids))
+        filled = (filled + len(document.ids)) % seq_len
+        assert document.ids[-1] == tokenizer.eos_token_id  # the model learns to stop after the key
+        text = tokenizer.decode(document.ids, skip_special_tokens=True)
         key = text.split("The pass key is ")[1][:5]
-        assert key.isdigit() and text.rstrip(".").endswith(f"The pass key is {key}") and "What is the pass key?" in text
+        assert text.startswith("There is an important info hidden") and key.isdigit()
+        assert text.endswith(f"\nWhat is the pass key? The pass key is {key}")
         answer = tokenizer.decode([t for t, target in zip(document.ids, document.targets) if target])
-        assert answer.strip(" .") == key
-    again = passkey_documents(tokenizer, 400, seed=3, loss="answer")
-    assert next(again).ids == next(passkey_documents(tokenizer, 400, seed=3)).ids
+        assert answer == f" {key}{tokenizer.eos_token}"
+    assert len(lengths) > 3 and max(lengths) <= seq_len and filled == 0
+    for row in pack_documents(passkey_documents(tokenizer, seq_len, seed=3), seq_len):
+        ends = [i - 1 for i, position in enumerate(row.position_ids) if position == 0 and i] + [seq_len - 1]
+        assert all(row.input_ids[i] == tokenizer.eos_token_id for i in ends)
+        if len(ends) > 2:
+            break
+    again = passkey_documents(tokenizer, seq_len, seed=3, loss="answer")
+    assert next(again).ids == next(passkey_documents(tokenizer, seq_len, seed=3)).ids
+
+
+def test_row_lengths_fill_the_row_with_documents_no_shorter_than_asked():
+    rng = random.Random(0)
+    rows = [row_lengths(rng, 1024, 100) for _ in range(300)]
+    assert all(sum(row) == 1024 and min(row) >= 100 for row in rows)
+    assert {len(row) for row in rows} >= {1, 2, 3} and sum(len(row) == 1 for row in rows) > 30
+    assert row_lengths(rng, 50, 100) == [50]  # shorter than asked: one document (the builder then says so)
+
+
+def test_answer_loss_puts_targets_exactly_on_the_answer_tokens():
+    """loss="answer": the only labels of a packed row are each document's pass key tokens
+    (" " + 5 digits) and the EOS after them, each predicted from the token before it; the
+    instruction, haystack, needle, question and answer prefix carry no loss."""
+    tokenizer = make_tokenizer()
+    seq_len = 900
+    rows = pack_documents(passkey_documents(tokenizer, seq_len, seed=5, loss="answer"), seq_len)
+    documents_seen = 0
+    for row in (next(rows) for _ in range(6)):
+        starts = [i for i, position in enumerate(row.position_ids) if position == 0] + [seq_len]
+        expected_labelled = []
+        for start, end in zip(starts, starts[1:]):
+            key = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True).split("The pass key is ")[-1]
+            answer_ids = tokenizer(f" {key}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            assert key.isdigit() and len(key) == 5 and len(answer_ids) == 7
+            assert row.input_ids[end - 7 : end] == answer_ids
+            assert [row.labels[i] for i in range(end - 8, end - 1)] == answer_ids
+            expected_labelled += range(end - 8, end - 1)
+            documents_seen += 1
+        assert [i for i, label in enumerate(row.labels) if label != IGNORE_INDEX] == expected_labelled
+    assert documents_seen > 6  # some rows hold several documents
+    everything = next(pack_documents(passkey_documents(tokenizer, seq_len, seed=5, loss="all"), seq_len))
+    eos = tokenizer.eos_token_id  # loss="all": every next token within a document, none across
+    assert everything.labels == [IGNORE_INDEX if token == eos else following
+                                 for token, following in zip(everything.input_ids, everything.input_ids[1:] + [eos])]
+    no_eos = next(passkey_documents(tokenizer, seq_len, seed=5, loss="answer", eos=False))
+    assert tokenizer.decode(no_eos.ids).split("The pass key is ")[-1].isdigit() and sum(no_eos.targets) == 6
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "text", "parquet"])

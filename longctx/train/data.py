@@ -30,6 +30,7 @@ from longctx.errors import LongctxError
 from longctx.train.config import FILE_FORMATS, DataConfig, resolve_data_files
 
 IGNORE_INDEX = -100
+MIN_HAYSTACK_TOKENS = 16  # the least haystack a synthetic passkey document holds
 
 
 @dataclass
@@ -78,29 +79,55 @@ def collate(rows: list[PackedRow]) -> dict[str, torch.Tensor]:
 # --- sources ------------------------------------------------------------------------------
 
 
-def passkey_documents(tokenizer, seq_len: int, *, seed: int, loss: str = "all", haystack: str = "noise") -> Iterator[Document]:
-    """Endless passkey documents of exactly seq_len tokens, built with the needle test's own prompts.
+def passkey_documents(
+    tokenizer, seq_len: int, *, seed: int, loss: str = "all", haystack: str = "noise", eos: bool = True
+) -> Iterator[Document]:
+    """Endless passkey documents, built with the needle test's own prompts, that fill rows of
+    exactly seq_len tokens: one document of seq_len, or a few shorter ones (see row_lengths).
 
     Each is a `longctx needle --task passkey` prompt (instruction, haystack with the passkey
-    planted at a random depth, question, answer prefix; in the chat template when the
-    tokenizer has one) followed by the answer, so a model
-    trained on it is measured by the same prompts. loss="answer" makes only the answer a target.
+    planted at a random depth, question, answer prefix; raw text, no chat template, as the
+    needle test's passkey prompts) followed by the answer and, with eos, the tokenizer's EOS.
+    A model trained on it is measured by the same prompts and stops after the key (a sixth
+    digit would spoil the needle test's first-integer match). loss="answer" makes only the
+    answer and its EOS targets. Varying the length keeps a model from learning where the
+    answer sits instead of where the key is: trained on one length only, a tiny model
+    answered at that prompt length and at no other, not even a few tokens shorter.
     """
     from longctx.eval.haystacks import build_haystack, encode
     from longctx.eval.prompts import PromptBuilder, detect_style
     from longctx.eval.tasks import Task
 
     task = Task("passkey")
-    style = detect_style(tokenizer, "auto")  # chat prompts for chat models, raw ones otherwise, as the needle test
+    style = detect_style(tokenizer, "auto", task.name)  # the raw passkey text for every model, as the needle test
     builder = PromptBuilder(tokenizer, build_haystack(tokenizer, haystack, seq_len), task.instruction, style)
+    end = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    probe_sample = task.sample(random.Random(0))
+    probe = builder.build(probe_sample, seq_len, 0.0)
+    shortest = len(probe.ids) - probe.haystack_tokens + len(encode(tokenizer, probe_sample.answer) + end) + MIN_HAYSTACK_TOKENS
     rng = random.Random(seed)
     while True:
-        sample = task.sample(rng)
-        answer = encode(tokenizer, sample.answer)
-        prompt = builder.build(sample, seq_len - len(answer), rng.uniform(0.0, 100.0))
-        ids = prompt.ids + answer
-        targets = None if loss == "all" else [False] * len(prompt.ids) + [True] * len(answer)
-        yield Document(ids, targets)
+        for length in row_lengths(rng, seq_len, shortest):
+            sample = task.sample(rng)
+            answer = encode(tokenizer, sample.answer) + end
+            prompt = builder.build(sample, length - len(answer), rng.uniform(0.0, 100.0))
+            ids = prompt.ids + answer
+            targets = None if loss == "all" else [False] * len(prompt.ids) + [True] * len(answer)
+            yield Document(ids, targets)
+
+
+def row_lengths(rng: random.Random, seq_len: int, shortest: int) -> list[int]:
+    """Lengths of the documents of one row, summing to seq_len, none below `shortest`: draw a
+    length from [shortest, what is left] until what would be left is below shortest, then
+    take it all (with shortest = seq_len / 3, about half the rows are one full-length document)."""
+    lengths, left = [], seq_len
+    while left:
+        length = rng.randint(min(shortest, left), left)
+        if left - length < shortest:
+            length = left
+        lengths.append(length)
+        left -= length
+    return lengths
 
 
 def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Document]:
@@ -152,7 +179,7 @@ def packed_rows(data: DataConfig, tokenizer, seq_len: int, *, seed: int) -> Iter
     """The endless stream of packed rows of one stage (deterministic for a seed)."""
     if data.source == "synthetic-passkey":
         documents = passkey_documents(
-            tokenizer, seq_len, seed=seed, loss=data.passkey.loss, haystack=data.passkey.haystack
+            tokenizer, seq_len, seed=seed, loss=data.passkey.loss, haystack=data.passkey.haystack, eos=data.add_eos
         )
     else:
         documents = text_documents(data, tokenizer, seed=seed)
