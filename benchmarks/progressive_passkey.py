@@ -114,10 +114,7 @@ def longctx_train(config: Path, output: Path, model: Path | None = None, torchru
         command += ["--model", str(model)]
     if (checkpoints / "latest.json").is_file():
         command.append("--resume")
-    print("$", " ".join(str(c) for c in command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    return time.perf_counter() - started
+    return run_timed(command)
 
 
 def pretrain_config(work: Path, seed: int, steps: int) -> Path:
@@ -135,8 +132,12 @@ def pretrain_config(work: Path, seed: int, steps: int) -> Path:
 
 def longctx_cli(*arguments: str) -> float:
     """Run a longctx command (extend, needle) and return its seconds."""
-    command = [sys.executable, "-m", "longctx", *arguments]
-    print("$", " ".join(command), flush=True)
+    return run_timed([sys.executable, "-m", "longctx", *arguments])
+
+
+def run_timed(command: list) -> float:
+    """Run a command (printed first), failing on a non-zero exit; returns its seconds."""
+    print("$", " ".join(str(c) for c in command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     return time.perf_counter() - started
