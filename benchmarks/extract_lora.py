@@ -208,10 +208,11 @@ def run_tool(tool: str, base: Path, extended: Path, rank: int, dtype: str, workd
 
 
 def import_floor(repeat: int = 3) -> dict:
-    """Wall seconds of `python -c 'import torch'` and of importing the extract-lora code (median of `repeat`)."""
+    """Wall seconds of `python -c 'import torch'` and of importing the extract-lora code (median of `repeat`),
+    each ending as the longctx console script does (gc.freeze(): no final walk over torch's objects)."""
     floor = {}
-    for label, code in (("python_import_torch_s", "import torch"),
-                        ("python_import_extract_s", "import longctx.cli, longctx.lora.extract")):
+    for label, code in (("python_import_torch_s", "import gc, torch; gc.freeze()"),
+                        ("python_import_extract_s", "import gc, longctx.cli, longctx.lora.extract; gc.freeze()")):
         times = sorted(run_measured([sys.executable, "-c", code])[0] for _ in range(repeat))
         floor[label] = times[len(times) // 2]
     return floor

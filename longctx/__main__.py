@@ -1,5 +1,5 @@
 import sys
 
-from longctx.cli import main
+from longctx.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -8,6 +8,7 @@ libraries (torch, transformers) inside their functions so `longctx --help` stays
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -84,5 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
+def process_exit_code(code: int) -> int:
+    """The exit code of a process about to end, after freezing every live object out of the
+    interpreter's final garbage collection: walking the objects that importing torch creates
+    takes 0.4-0.5 s at exit, a tenth of a small extract-lora run. Console scripts only: in
+    a process that goes on (tests), frozen objects would never be collected."""
+    gc.freeze()
+    return code
+
+
+def console_main() -> int:
+    """The `longctx` console script."""
+    return process_exit_code(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -420,6 +420,28 @@ def test_ordered_parallel_map_keeps_order_and_the_memory_budget():
     assert list(ordered_parallel_map(work, items[:3], cost=lambda item: item[1], budget=4, workers=1)) == ["small0", "small1", "small2"]
 
 
+def test_ordered_parallel_map_keeps_threads_busy_behind_a_slow_item():
+    import threading
+    import time
+
+    from longctx.lora.extract import ordered_parallel_map
+
+    finished, done_before_slow = [], []
+    lock = threading.Lock()
+
+    def work(name):
+        time.sleep(0.3 if name == "slow" else 0.01)
+        with lock:
+            if name == "slow":
+                done_before_slow.extend(finished)
+            finished.append(name)
+        return name
+
+    items = ["slow"] + [f"fast{i}" for i in range(5)]
+    assert list(ordered_parallel_map(work, items, cost=lambda item: 1, budget=10, workers=2)) == items
+    assert len(done_before_slow) == 3  # 2 x workers in flight: the free thread did not wait for the slow one
+
+
 @pytest.mark.parametrize("model_type, overrides", [
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),

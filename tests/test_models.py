@@ -24,6 +24,31 @@ def test_tensor_reader_streams_sharded_checkpoint(tmp_path):
         assert reader.dtype(name) == tensor.dtype
 
 
+def test_tensor_reader_maps_tensors_privately_and_copies_unaligned_ones(tmp_path):
+    """Each tensor is a copy-on-write map of its bytes: writing to it leaves the file as it was,
+    it outlives its reader, and bytes a writer left unaligned for their dtype are copied."""
+    import struct
+
+    odd = torch.arange(3, dtype=torch.uint8)
+    values = torch.linspace(-1, 1, 6).reshape(2, 3)
+    header = {"odd": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "values": {"dtype": "F32", "shape": [2, 3], "data_offsets": [3, 27]}}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-aligned, "values" 3 bytes after: unaligned
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded
+                                                + odd.numpy().tobytes() + values.numpy().tobytes())
+    reader = TensorReader(tmp_path)
+    read = reader.get("values")
+    assert torch.equal(read, values) and torch.equal(reader.get("odd"), odd)
+    aligned = reader.get("odd")
+    aligned += 7
+    read *= 2
+    del reader
+    assert torch.equal(read, 2 * values)
+    fresh = TensorReader(tmp_path)
+    assert torch.equal(fresh.get("values"), values) and torch.equal(fresh.get("odd"), odd)
+
+
 def test_tensor_reader_refuses_pickle_without_flag(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(LongctxError, match="--allow-pickle"):

@@ -210,5 +210,11 @@ def legacy_main(argv: list[str] | None = None) -> int:
     return run_parser(parser, argv)
 
 
+def legacy_console_main() -> int:
+    from longctx.cli import process_exit_code
+
+    return process_exit_code(legacy_main())
+
+
 if __name__ == "__main__":
-    sys.exit(legacy_main())
+    sys.exit(legacy_console_main())

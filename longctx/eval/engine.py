@@ -11,6 +11,7 @@ wrong at another: reuse is refused and every prompt is prefilled from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from longctx.errors import LongctxError
+from longctx.eval.attention import cached_attention
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,18 @@ def rope_type(config) -> str:
 
 def prefix_reuse_supported(config) -> bool:
     return rope_type(config) not in LENGTH_DEPENDENT_ROPE
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """model.eval() and, for an sdpa model, `longctx_cached` attention (eval/attention.py) for a block; both restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with cached_attention(model):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def new_cache():

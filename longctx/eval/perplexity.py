@@ -15,7 +15,7 @@ import math
 import torch
 
 from longctx.errors import LongctxError
-from longctx.eval.engine import new_cache, prefix_reuse_supported
+from longctx.eval.engine import evaluation_mode, new_cache, prefix_reuse_supported
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,12 @@ def perplexity_by_length(model, ids: list[int], lengths: list[int], *, chunk_siz
         raise LongctxError(
             f"the text has {len(ids)} tokens, fewer than the longest length {lengths[-1]}; give a longer --text"
         )
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         if prefix_reuse_supported(model.config):
             losses = token_losses(model, ids[: lengths[-1]], chunk_size=chunk_size)
             return {L: math.exp(losses[: L - 1].mean().item()) for L in lengths}
         log.info("dynamic rope: one pass per length (the rotation depends on the sequence length)")
         return {L: math.exp(full_pass_losses(model, ids[:L], chunk_size=chunk_size).mean().item()) for L in lengths}
-    finally:
-        model.train(was_training)
 
 
 def format_ppl_table(results: dict[str, dict[int, float]], lengths: list[int]) -> str:

@@ -17,6 +17,7 @@ from longctx.errors import LongctxError
 from longctx.eval.engine import (
     DEFAULT_CHUNK,
     PrefixCache,
+    evaluation_mode,
     greedy_answer,
     prefix_reuse_supported,
     rope_type,
@@ -95,9 +96,7 @@ class Evaluator:
         started = time.perf_counter()
         sample = self.task.sample(sample_rng(self.seed, length, depth, index))
         prompt = self.builder.build(sample, length, depth)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluation_mode(self.model):
             if self.scoring == "teacher-forced":
                 pieces = [encode(self.tokenizer, text) for text, _ in sample.answer_pieces]
                 answer = teacher_forced_answer(
@@ -112,8 +111,6 @@ class Evaluator:
                     settled=lambda text: score_is_settled(sample, text),
                 )
                 score = score_answer(sample, answer.text)
-        finally:
-            self.model.train(was_training)
         return CellResult(
             length=length,
             depth=depth,

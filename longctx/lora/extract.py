@@ -310,10 +310,12 @@ def available_cpus() -> int:
 
 
 def ordered_parallel_map(work, items, *, cost, budget: int, workers: int):
-    """Yield work(item) for each item, in the items' order, with up to `workers` items in
-    flight (running, or done and not yet consumed) while their summed cost(item) stays
-    within `budget`; an item costing more than the budget runs alone. With the largest
-    item's memory footprint as the budget, peak memory stays that of one item at a time."""
+    """Yield work(item) for each item, in the items' order, on `workers` threads, with up to
+    2 x workers items in flight (queued, running, or done and not yet consumed) while their
+    summed cost(item) stays within `budget`; an item costing more than the budget runs
+    alone. With the largest item's memory footprint as the budget, peak memory stays that
+    of one item at a time. Twice as many items in flight as threads keeps a thread busy
+    while the oldest item, which must be yielded first, is still running."""
     if workers <= 1:
         yield from map(work, items)
         return
@@ -323,7 +325,7 @@ def ordered_parallel_map(work, items, *, cost, budget: int, workers: int):
     try:
         for item in items:
             item_cost = cost(item)
-            while in_flight and (len(in_flight) >= workers or used + item_cost > budget):
+            while in_flight and (len(in_flight) >= 2 * workers or used + item_cost > budget):
                 future, done_cost = in_flight.popleft()
                 used -= done_cost
                 yield future.result()

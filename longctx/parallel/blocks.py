@@ -56,6 +56,20 @@ def block_backward(kernel: str, dout, q, k, v, out, lse, scale: float, causal: b
     return _math_backward(dout, q, k, v, out, lse, scale, causal, allowed)
 
 
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """out, lse (float32 views) <- the softmax-weighted union of (out, lse) and the block's result.
+
+    out = out - sigmoid(lse_b - lse) (out - out_b); lse = lse - logsigmoid(lse - lse_b); rows where
+    either side is empty (lse -inf) take the other side (exactly: out starts at 0, lse at -inf).
+    """
+    weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).unsqueeze(-1)
+    correction = torch.sub(out, block_out).mul_(weight)
+    out.sub_(correction)
+    del correction
+    merged = lse - torch.nn.functional.logsigmoid(lse - block_lse)
+    lse.copy_(torch.where(torch.isneginf(lse), block_lse, merged))
+
+
 def preferred_kernel(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
     """The kernel for a device type and dtype, before any check: a kernel that returns lse, else math."""
     if device_type == "cpu":

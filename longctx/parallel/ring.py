@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.errors import LongctxError
-from longctx.parallel.blocks import NEG_INF, block_backward, block_forward, choose_kernel
+from longctx.parallel.blocks import NEG_INF, block_backward, block_forward, choose_kernel, merge_into
 from longctx.parallel.zigzag import zigzag_global_indices
 
 BACKENDS = ("auto", "torch", "torch-math", "ring-flash-attn")
@@ -201,20 +201,6 @@ def _step_tiles(step: int, doc_start, q_index, config: _RingConfig) -> list[tupl
     return [(tile, allowed) for tile, allowed in tiles if allowed is not False]
 
 
-def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """out, lse (float32 views) <- the softmax-weighted union of (out, lse) and the block's result.
-
-    out = out - sigmoid(lse_b - lse) (out - out_b); lse = lse - logsigmoid(lse - lse_b); rows where
-    either side is empty (lse -inf) take the other side (exactly: out starts at 0, lse at -inf).
-    """
-    weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).unsqueeze(-1)
-    correction = torch.sub(out, block_out).mul_(weight)
-    out.sub_(correction)
-    del correction
-    merged = lse - torch.nn.functional.logsigmoid(lse - block_lse)
-    lse.copy_(torch.where(torch.isneginf(lse), block_lse, merged))
-
-
 def _ring_forward(q, k, v, doc_start, config: _RingConfig):
     """(out float32 [b, h, s, d] with q's memory layout, lse float32 [b, h, s]).
 
@@ -238,7 +224,7 @@ def _ring_forward(q, k, v, doc_start, config: _RingConfig):
                     config.kernel, q[rows], k_cur[:, kv_head, tile.k], v_cur[:, kv_head, tile.k],
                     config.scale, tile.causal, allowed,
                 )
-                _merge_into(out[rows], lse[rows], tile_out, tile_lse)
+                merge_into(out[rows], lse[rows], tile_out, tile_lse)
                 del tile_out, tile_lse
         if pending is not None:
             k_cur, v_cur = _Ring.wait(pending)

@@ -1,0 +1,95 @@
+"""Causal attention for prompts run on top of a KV cache, as the evaluation engine runs them.
+
+When a chunk of q tokens follows p cached ones, transformers' `sdpa` gives SDPA an explicit
+[q, p + q] mask: a causal mask aligned to the last key is not what SDPA's `is_causal` means
+(that one is aligned to the first key). With an explicit mask the fused kernels cannot skip the
+masked half of the causal block and pay for turning the mask into additive form; on the CPU a
+needle suffix's attention costs 1.5-2x what it should.
+
+`longctx_cached` splits the keys instead: the p cached keys in one block every query sees in
+full, the last q keys in one plain causal block, and the two results merged by their
+log-sum-exp (the ring's merge). No mask is built. It is used only where the mask would be
+plain causality over the whole cache: its mask function hands anything else (padding,
+sliding windows, packed documents, non-causal layers) to `sdpa_mask`, and the attention
+function passes any mask it gets to `sdpa`, so other models and inputs run as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from longctx.parallel.blocks import block_forward, choose_kernel, merge_into
+
+ATTENTION_NAME = "longctx_cached"
+REPLACES = "sdpa"
+
+
+def attention_after_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last query.shape[2] positions of a sequence whose keys and values
+    are key, value ([batch, heads, seq, head_dim]; fewer key/value heads for GQA)."""
+    kernel = choose_kernel(query)
+    past = key.shape[2] - query.shape[2]
+    if query.shape[2] == 1 or past == 0:  # one query sees every key; or no cache: plain causal
+        return block_forward(kernel, query, key, value, scale, past == 0, None)[0]
+    out, lse = block_forward(kernel, query, key[:, :, :past], value[:, :, :past], scale, False, None)
+    out = out.float()
+    recent_out, recent_lse = block_forward(kernel, query, key[:, :, past:], value[:, :, past:], scale, True, None)
+    merge_into(out, lse, recent_out, recent_lse)
+    return out.to(query.dtype)
+
+
+def cached_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or dropout or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attention_after_cache(query, key, value, scale).transpose(1, 2).contiguous(), None
+
+
+def cached_attention_mask(*, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, allow_is_causal_skip: bool = True, local_size=None, **kwargs):
+    """None when the queries are the last q_length of kv_length keys under plain causality (the
+    attention above handles that without a mask); otherwise sdpa's own explicit mask."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    plain = (
+        mask_function is causal_mask_function
+        and allow_is_causal_skip
+        and local_size is None
+        and kv_offset == 0
+        and isinstance(q_offset, int) and q_offset + q_length == kv_length
+        and (attention_mask is None or bool(attention_mask.all()))
+    )
+    if plain:
+        return None
+    return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function if mask_function is not None else causal_mask_function,
+                     attention_mask=attention_mask, allow_is_causal_skip=False, local_size=local_size, **kwargs)
+
+
+def register_with_transformers() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, cached_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, cached_attention_mask)
+
+
+@contextlib.contextmanager
+def cached_attention(model):
+    """Run a block with `longctx_cached` attention when the model uses `sdpa` (any other choice is kept)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != REPLACES:
+        yield
+        return
+    register_with_transformers()
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
