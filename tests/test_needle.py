@@ -146,6 +146,37 @@ def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
     assert prefix.length == max(prefix.length, 1) and prefix.tokens_processed == prefix.length
 
 
+def test_reserved_cache_writes_in_place_and_decodes_like_a_fresh_prefill(tiny):
+    """Decode steps write into the reserved buffers (no reallocation), a cache that outgrows its
+    capacity doubles, and the source of a cropped copy is left as it was."""
+    from transformers import DynamicCache
+
+    from longctx.eval.engine import cropped_copy, new_cache
+
+    model, _ = tiny
+    ids = torch.randint(3, 250, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    source = new_cache()
+    prefill(model, source, ids[:30], keep=0)
+    before = source.layers[0].keys.clone()
+    reserved = cropped_copy(source, 20, capacity=24)
+    buffer = reserved.layers[0].buffers[0]
+    assert buffer.shape[-2] == 24
+    plain = DynamicCache()
+    logits = []
+    with torch.no_grad():
+        for cache in (reserved, plain):
+            start = 20 if cache is reserved else 0
+            if start == 0:
+                model(input_ids=torch.tensor([ids[:20]]), past_key_values=cache, use_cache=True)
+            logits.append(torch.cat([model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0]
+                                     for token in ids[20:30]]))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    assert reserved.get_seq_length() == 30 and reserved.layers[0].buffers[0].shape[-2] == 48  # 24 ran out: doubled
+    assert buffer.data_ptr() != reserved.layers[0].buffers[0].data_ptr()
+    torch.testing.assert_close(reserved.layers[0].keys[..., :20, :], before[..., :20, :])
+    assert torch.equal(source.layers[0].keys, before) and source.get_seq_length() == 30
+
+
 def test_prefix_reuse_scores_equal_from_scratch(tiny):
     model, tokenizer = tiny
     results = {}

@@ -11,7 +11,8 @@ full, the last q keys in one plain causal block, and the two results merged by t
 log-sum-exp (the ring's merge). No mask is built. It is used only where the mask would be
 plain causality over the whole cache: its mask function hands anything else (padding,
 sliding windows, packed documents, non-causal layers) to `sdpa_mask`, and the attention
-function passes any mask it gets to `sdpa`, so other models and inputs run as before.
+function passes any mask it gets to `sdpa`, so other models and inputs run as before. CPU
+models only (see `cached_attention`).
 """
 
 from __future__ import annotations
@@ -82,9 +83,12 @@ def register_with_transformers() -> None:
 
 @contextlib.contextmanager
 def cached_attention(model):
-    """Run a block with `longctx_cached` attention when the model uses `sdpa` (any other choice is kept)."""
+    """Run a block with `longctx_cached` attention when a CPU model uses `sdpa` (any other choice is kept).
+
+    CPU only: PyTorch's CPU flash kernel takes fewer key/value heads than query heads (GQA), its
+    CUDA kernels do not, and no GPU was at hand to measure what splitting would gain there."""
     current = getattr(model.config, "_attn_implementation", None)
-    if current != REPLACES:
+    if current != REPLACES or model.device.type != "cpu":
         yield
         return
     register_with_transformers()

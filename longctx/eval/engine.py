@@ -7,11 +7,16 @@ the rest of the prompt (needle onwards) is processed. With static RoPE scaling a
 rotation depends only on its position, so this is exact. With dynamic NTK the rotation
 base depends on the length of the whole forward pass, so a cache built at one length is
 wrong at another: reuse is refused and every prompt is prefilled from scratch.
+
+Inside `evaluation_mode`, an sdpa model attends with `longctx_cached` (eval/attention.py): a
+chunk run on top of a cache needs no [chunk, cache + chunk] mask, which makes a suffix after
+a reused prefix (and every chunk after the first) 20-30% cheaper on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,19 +63,72 @@ def evaluation_mode(model):
         model.train(was_training)
 
 
-def new_cache():
+def _reserved_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer that writes new keys and values in place into buffers with room ahead.
+
+        DynamicLayer concatenates on every update, so each decode step copies the whole cache
+        into fresh memory. Here `keys`/`values` are views of the filled part of two buffers of
+        `capacity` positions (the length the caller expects), doubled if they run out.
+        """
+
+        def __init__(self, capacity: int = 0):
+            super().__init__()
+            self.capacity = capacity
+            self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            end = length + key_states.shape[-2]
+            if self.buffers is None or end > self.buffers[0].shape[-2] or not self._views_of_buffers():
+                self._reserve(key_states, max(end, self.capacity, 2 * length))
+            key_buffer, value_buffer = self.buffers
+            key_buffer[..., length:end, :].copy_(key_states)
+            value_buffer[..., length:end, :].copy_(value_states)
+            self.keys, self.values = key_buffer[..., :end, :], value_buffer[..., :end, :]
+            return self.keys, self.values
+
+        def _views_of_buffers(self) -> bool:
+            """False once something (batch selection, say) has replaced keys with a tensor of its own."""
+            return self.keys.numel() == 0 or (
+                self.keys.data_ptr() == self.buffers[0].data_ptr() and self.keys.shape[:2] == self.buffers[0].shape[:2]
+            )
+
+        def _reserve(self, like: torch.Tensor, capacity: int) -> None:
+            batch, heads, _, head_dim = like.shape
+            length = self.get_seq_length()
+            buffers = tuple(like.new_empty(batch, heads, capacity, head_dim) for _ in range(2))
+            if length:
+                buffers[0][..., :length, :].copy_(self.keys)
+                buffers[1][..., :length, :].copy_(self.values)
+            self.buffers = buffers
+
+    return ReservedLayer
+
+
+def new_cache(capacity: int = 0):
+    """An empty DynamicCache whose layers write in place into buffers of `capacity` positions
+    (a whole prompt and its answer, when known), grown by doubling beyond it."""
     from transformers import DynamicCache
 
-    return DynamicCache()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = functools.partial(_reserved_layer_class(), capacity)
+    return cache
 
 
-def cropped_copy(cache, length: int):
-    """A new DynamicCache holding the first `length` positions of `cache` (copied; cache is untouched)."""
-    from transformers import DynamicCache
-
-    if length == 0:
-        return DynamicCache()
-    return DynamicCache([(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers])
+def cropped_copy(cache, length: int, capacity: int = 0):
+    """A new cache (as `new_cache(capacity)`) holding a copy of the first `length` positions of
+    `cache`, which is left untouched."""
+    copy = new_cache(capacity)
+    if length:
+        for layer in cache.layers:
+            copy.layers.append(copy.layer_class_to_replicate())
+            copy.layers[-1].update(layer.keys[..., :length, :], layer.values[..., :length, :])
+    return copy
 
 
 @torch.no_grad()
@@ -105,17 +163,19 @@ class PrefixCache:
         self.length = 0
         self.tokens_processed = 0  # clean tokens run through the model (for the work accounting)
 
-    def start(self, ids: list[int], shared: int):
-        """(cache, position): a cache holding ids[:position] and the position to continue from."""
+    def start(self, ids: list[int], shared: int, answer_tokens: int = 0):
+        """(cache, position): a cache holding ids[:position] and the position to continue from; the
+        cache has room for all of ids and `answer_tokens` more."""
+        capacity = len(ids) + answer_tokens
         if not self.enabled or shared == 0:
-            return new_cache(), 0
+            return new_cache(capacity), 0
         if ids[:shared] != self.clean_tokens[:shared]:
             raise ValueError("prompt does not start with the clean haystack tokens")
         if shared > self.length:
             prefill(self.model, self.cache, self.clean_tokens[self.length : shared], chunk_size=self.chunk_size, keep=0)
             self.tokens_processed += shared - self.length
             self.length = shared
-        return cropped_copy(self.cache, shared), shared
+        return cropped_copy(self.cache, shared, capacity), shared
 
 
 @dataclass
@@ -133,7 +193,7 @@ def greedy_answer(
     """Greedy continuation of the prompt, stopping at end of sequence, at the end of the first line,
     or as soon as `settled(text)` says more tokens cannot change the score. On CPU a decode step
     reads every weight, so the steps saved matter as much as a few hundred prompt tokens each."""
-    cache, position = prefix.start(ids, shared)
+    cache, position = prefix.start(ids, shared, max_new_tokens)
     logits = prefill(model, cache, ids[position:], chunk_size=prefix.chunk_size, keep=1)
     stop_ids = _stop_ids(model, tokenizer)
     generated: list[int] = []
@@ -159,7 +219,7 @@ def teacher_forced_answer(
     """One forward pass over prompt + answer: each part (a run of answer tokens) counts as right
     when every one of its tokens is the argmax, as EasyContext's eval_forward does."""
     answer_ids = [token for part in answer_parts for token in part]
-    cache, position = prefix.start(ids, shared)
+    cache, position = prefix.start(ids, shared, len(answer_ids))
     logits = prefill(model, cache, (ids + answer_ids[:-1])[position:], chunk_size=prefix.chunk_size, keep=len(answer_ids))
     predicted = logits.argmax(-1).tolist()
     parts_right, cursor = [], 0
