@@ -10,7 +10,8 @@ wrong at another: reuse is refused and every prompt is prefilled from scratch.
 
 Inside `evaluation_mode`, an sdpa model attends with `longctx_cached` (eval/attention.py): a
 chunk run on top of a cache needs no [chunk, cache + chunk] mask, which makes a suffix after
-a reused prefix (and every chunk after the first) 20-30% cheaper on the CPU.
+a reused prefix (and every chunk after the first) 12-30% cheaper on the CPU
+(benchmarks/eval_engine.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def prefix_reuse_supported(config) -> bool:
 
 @contextlib.contextmanager
 def evaluation_mode(model):
-    """model.eval() and, for an sdpa model, `longctx_cached` attention (eval/attention.py) for a block; both restored after."""
+    """model.eval() and, for an sdpa model on the CPU, `longctx_cached` attention (eval/attention.py)
+    for a block; both restored after."""
     was_training = model.training
     model.eval()
     try:
@@ -63,7 +65,9 @@ def evaluation_mode(model):
         model.train(was_training)
 
 
+@functools.cache
 def _reserved_layer_class():
+    """The ReservedLayer class (made on first use: transformers is imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
