@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -41,3 +42,79 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# Llama-3.2-1B's configuration (its real shapes and rope settings) for random stand-ins.
+LLAMA_32_1B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=128000,
+    eos_token_id=128009,
+    dtype="bfloat16",
+)
+
+
+def llama_layout(config: dict) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a Llama checkpoint with tied embeddings, in checkpoint order."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        shapes.update({
+            prefix + "input_layernorm.weight": (hidden,),
+            prefix + "self_attn.q_proj.weight": (hidden, hidden),
+            prefix + "self_attn.k_proj.weight": (kv, hidden),
+            prefix + "self_attn.v_proj.weight": (kv, hidden),
+            prefix + "self_attn.o_proj.weight": (hidden, hidden),
+            prefix + "post_attention_layernorm.weight": (hidden,),
+            prefix + "mlp.gate_proj.weight": (inner, hidden),
+            prefix + "mlp.up_proj.weight": (inner, hidden),
+            prefix + "mlp.down_proj.weight": (hidden, inner),
+        })
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def write_random_llama(
+    directory: Path, config: dict, *, tokenizer_source: Path | None = None, seed: int = 0, max_shard_bytes: int = 1 << 30
+) -> Path:
+    """A Llama model with random weights (norms 1, the rest N(0, 0.02)) in config["dtype"], written
+    tensor by tensor, never the whole model in memory; tokenizer files copied from tokenizer_source.
+    An existing directory is reused."""
+    import torch
+
+    from longctx.models import ShardedSafetensorsWriter, copy_auxiliary_files, write_json
+
+    if (directory / "config.json").is_file():
+        return directory
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = getattr(torch, config["dtype"])
+    generator = torch.Generator().manual_seed(seed)
+    writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+    for name, shape in llama_layout(config).items():
+        tensor = torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator)
+        writer.add(name, tensor.to(dtype))
+    writer.close()
+    write_json(tmp / "config.json", config)
+    if tokenizer_source is not None:
+        copy_auxiliary_files(tokenizer_source, tmp, skip=("generation_config.json",))
+    os.replace(tmp, directory)
+    return directory

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import run_measured
+from common import LLAMA_32_1B, run_measured, write_random_llama
 
 from longctx.lora.extract import measure_adapter
 from longctx.models import (
@@ -114,51 +114,6 @@ def make_extended(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
-LLAMA_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, intermediate=8192, vocab=128256, layers=16)
-
-
-def make_llama1b_base(out_dir: Path, layers: int, *, seed: int = 0) -> Path:
-    """Random bf16 weights of Llama-3.2-1B's shapes, generated and written one tensor at a time."""
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    shape = LLAMA_1B
-    generator = torch.Generator().manual_seed(seed)
-    tmp, writer = _partial_dir(out_dir)
-    hidden, kv = shape["hidden"], shape["kv_heads"] * shape["head_dim"]
-
-    def add(name, rows, cols=None):
-        size = (rows, cols) if cols else (rows,)
-        tensor = torch.ones(size) if cols is None else torch.randn(size, generator=generator) * 0.02
-        writer.add(name, tensor.to(torch.bfloat16))
-
-    add("model.embed_tokens.weight", shape["vocab"], hidden)
-    for i in range(layers):
-        prefix = f"model.layers.{i}"
-        add(f"{prefix}.self_attn.q_proj.weight", hidden, hidden)
-        add(f"{prefix}.self_attn.k_proj.weight", kv, hidden)
-        add(f"{prefix}.self_attn.v_proj.weight", kv, hidden)
-        add(f"{prefix}.self_attn.o_proj.weight", hidden, hidden)
-        add(f"{prefix}.mlp.gate_proj.weight", shape["intermediate"], hidden)
-        add(f"{prefix}.mlp.up_proj.weight", shape["intermediate"], hidden)
-        add(f"{prefix}.mlp.down_proj.weight", hidden, shape["intermediate"])
-        add(f"{prefix}.input_layernorm.weight", hidden)
-        add(f"{prefix}.post_attention_layernorm.weight", hidden)
-    add("model.norm.weight", hidden)
-    writer.close()
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": shape["intermediate"], "num_hidden_layers": layers, "num_attention_heads": shape["heads"],
-        "num_key_value_heads": shape["kv_heads"], "head_dim": shape["head_dim"], "vocab_size": shape["vocab"],
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128009, "dtype": "bfloat16",
-        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    }
-    write_json(tmp / "config.json", config)
-    tmp.rename(out_dir)
-    return out_dir
-
-
 # ---------------------------------------------------------------------------------------
 # Steps. Each writes its figures into <workdir>/<pair>-r<rank>.json, so a run can be split
 # into commands that each fit a slot of the shared lock (generate / longctx / mergekit /
@@ -171,7 +126,7 @@ def pair_paths(pair: str, workdir: Path, layers: int) -> tuple[str, Path, Path, 
         base = with_architectures(resolve_model("smollm2-135m"), workdir / "smollm2-base")
         extended = make_extended(base, workdir / "smollm2-extended-synthetic-v2")
         return "SmolLM2-135M (synthetic delta), fp32", base, extended, "float32"
-    base = make_llama1b_base(workdir / f"llama1b-shaped-{layers}l-base", layers)
+    base = write_random_llama(workdir / f"llama1b-shaped-{layers}l-base", {**LLAMA_32_1B, "num_hidden_layers": layers})
     extended = make_extended(base, workdir / f"llama1b-shaped-{layers}l-extended")
     return f"Llama-3.2-1B-shaped bf16, {layers} of 16 layers", base, extended, "bfloat16"
 

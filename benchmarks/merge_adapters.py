@@ -19,37 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import run_measured
+from common import LLAMA_32_1B, run_measured, write_random_llama
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-LLAMA_1B = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    tie_word_embeddings=True,
-    hidden_act="silu",
-    bos_token_id=1,
-    eos_token_id=2,
-    dtype="bfloat16",
-)
+LLAMA_1B = {**LLAMA_32_1B, "bos_token_id": 1, "eos_token_id": 2}  # with SmolLM2's tokenizer
 
 OLD_SCRIPT = """
 import sys, torch
@@ -62,49 +42,6 @@ for path in adapters:
 AutoTokenizer.from_pretrained(base).save_pretrained(out)
 model.save_pretrained(out)
 """
-
-
-def llama_1b_layout() -> dict[str, tuple[int, ...]]:
-    h, i, kv = LLAMA_1B["hidden_size"], LLAMA_1B["intermediate_size"], LLAMA_1B["num_key_value_heads"] * LLAMA_1B["head_dim"]
-    shapes = {"model.embed_tokens.weight": (LLAMA_1B["vocab_size"], h)}
-    for layer in range(LLAMA_1B["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}."
-        shapes.update({
-            prefix + "input_layernorm.weight": (h,),
-            prefix + "self_attn.q_proj.weight": (h, h),
-            prefix + "self_attn.k_proj.weight": (kv, h),
-            prefix + "self_attn.v_proj.weight": (kv, h),
-            prefix + "self_attn.o_proj.weight": (h, h),
-            prefix + "post_attention_layernorm.weight": (h,),
-            prefix + "mlp.gate_proj.weight": (i, h),
-            prefix + "mlp.up_proj.weight": (i, h),
-            prefix + "mlp.down_proj.weight": (h, i),
-        })
-    shapes["model.norm.weight"] = (h,)
-    return shapes
-
-
-def make_llama_1b(directory: Path, tokenizer_source: Path) -> Path:
-    """Write the random model tensor by tensor (never the whole model in memory)."""
-    from longctx.lora.merge import StreamingSafetensorsWriter
-    from longctx.models import copy_auxiliary_files, write_json
-
-    if (directory / "config.json").is_file():
-        return directory
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shapes = llama_1b_layout()
-    writer = StreamingSafetensorsWriter(tmp, {name: (shape, torch.bfloat16) for name, shape in shapes.items()}, max_shard_bytes=5 * 10**9)
-    generator = torch.Generator().manual_seed(0)
-    for name, shape in shapes.items():
-        tensor = torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator)
-        writer.write(name, tensor.to(torch.bfloat16))
-    writer.close()
-    write_json(tmp / "config.json", LLAMA_1B)
-    copy_auxiliary_files(tokenizer_source, tmp, skip=("generation_config.json",))
-    os.replace(tmp, directory)
-    return directory
 
 
 def make_adapters(base_dir: Path, directory: Path, ranks: list[int], *, save_lm_head_in_last: bool) -> list[Path]:
@@ -206,7 +143,7 @@ def main() -> int:
         adapters = make_adapters(default_dir, work / "a", [8, 16, 32], save_lm_head_in_last=True)
         rows.append(bench_case("(a) SmolLM2-135M f32, 3 adapters", default_dir, adapters, work / "a", args.repeats))
     if "b" in args.cases:
-        base = make_llama_1b(work / "b" / "llama-1b-bf16", default_dir)
+        base = write_random_llama(work / "b" / "llama-1b-bf16", LLAMA_1B, tokenizer_source=default_dir, max_shard_bytes=5 * 10**9)
         adapters = make_adapters(base, work / "b", [16, 32, 64], save_lm_head_in_last=False)
         rows.append(bench_case("(b) Llama-3.2-1B-shaped bf16, 3 adapters", base, adapters, work / "b", args.repeats))
 

@@ -1,9 +1,11 @@
 """Needle grid throughput: haystack-prefix KV reuse vs from-scratch prefill, and teacher forcing vs generation.
 
-The same passkey grid (default model, noise haystack, the raw passkey prompt) is run three ways:
-  reuse    prefix KV cache reused across depths and lengths, greedy generation (longctx's default)
-  scratch  every prompt prefilled from scratch (--no-prefix-reuse; what gkamradt/RULER/EasyContext do)
-  teacher  prefix reuse + one teacher-forced pass per cell instead of generation (EasyContext's scoring)
+The same passkey grid (noise haystack, the raw passkey prompt, the default model unless --model
+or --random-llama-layers says otherwise) is run up to four ways:
+  reuse            prefix KV cache reused across depths and lengths, greedy generation (longctx's default)
+  scratch          every prompt prefilled from scratch (--no-prefix-reuse; what gkamradt/RULER/EasyContext do)
+  teacher          prefix reuse + one teacher-forced pass per cell instead of generation (EasyContext's scoring)
+  scratch-teacher  from scratch + teacher forcing: with `teacher`, the prefill work alone, no decode step
 and prints cells/hour, the speed-up of reuse over scratch against two bounds, and whether the
 scores are identical:
   token bound  the issue's: prefill work falls from D full prompts per length to about
@@ -12,14 +14,21 @@ scores are identical:
   FLOP bound   the same count weighted by what a token costs: a token at position p costs the
                dense layers plus attention over p keys, so the tokens after the needle, which
                reuse still has to process, are the dearest ones. This is the most an exact
-               prefix reuse can save on this model.
+               prefix reuse can save on the model; the smaller attention's share of a token's
+               cost, the closer it comes to the token bound.
 
-Each part is resumable (results in --results, one JSON line per cell) so the parts can be run
-in separate short invocations under the heavy-run lock (one torch thread by default: on a shared
+--random-llama-layers K measures on random weights of Llama-3.2-1B's layer shape (hidden 2048,
+32 / 8 heads, MLP 8192; K layers, the default model's tokenizer, float32). The speed-up does not
+depend on the number of layers, so a few stand in for all 16: attention is a smaller share of a
+token's cost there than in the 135M default, which tells the harness's overhead apart from the
+model's. Random weights answer nothing: run the teacher parts.
+
+Each part is resumable (results in --results, one JSON line per cell; use one file per model)
+so the parts can be run in separate short invocations (one torch thread by default: on a shared
 machine, CPU time of one thread is the steadiest measure; wall time is printed too):
-    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/needle.py --part reuse
-    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/needle.py --part scratch
-    flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/needle.py --part teacher
+    .venv/bin/python benchmarks/needle.py --part reuse
+    .venv/bin/python benchmarks/needle.py --part scratch
+    .venv/bin/python benchmarks/needle.py --part teacher --part scratch-teacher
     .venv/bin/python benchmarks/needle.py --report
 """
 
@@ -34,12 +43,18 @@ from pathlib import Path
 from common import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = {"reuse": (True, "generate"), "scratch": (False, "generate"), "teacher": (True, "teacher-forced")}
+PARTS = {
+    "reuse": (True, "generate"),
+    "scratch": (False, "generate"),
+    "teacher": (True, "teacher-forced"),
+    "scratch-teacher": (False, "teacher-forced"),
+}
+COMPARISONS = (("reuse", "scratch", "generation"), ("teacher", "scratch-teacher", "prefill alone (teacher-forced)"))
 LENGTHS = (1024, 2048, 4096)
 DEPTHS = tuple(float(d) for d in range(0, 101, 10))  # 11 depths
 
 
-def run_part(part: str, results: Path, lengths, depths, threads: int) -> None:
+def run_part(part: str, model_ref: str, results: Path, lengths, depths, threads: int) -> None:
     import torch
 
     from longctx.eval import Evaluator
@@ -55,7 +70,7 @@ def run_part(part: str, results: Path, lengths, depths, threads: int) -> None:
         results.write_text("".join(json.dumps(r) + "\n" for r in rows))
         todo = [(L, d) for L in lengths for d in depths]
     torch.set_num_threads(threads)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer(model_ref)
     reuse, scoring = PARTS[part]
     evaluator = Evaluator(model, tokenizer, Task("passkey"), max_length=max(lengths), prefix_reuse=reuse, scoring=scoring)
     for length, depth in todo:
@@ -103,7 +118,7 @@ def bounds(lengths, depths, config=None) -> dict[str, tuple[float, float]]:
     return result
 
 
-def report(results: Path, lengths, depths) -> str:
+def report(results: Path, model_ref: str, lengths, depths) -> str:
     from transformers import AutoConfig
 
     from longctx.models import resolve_model
@@ -111,12 +126,15 @@ def report(results: Path, lengths, depths) -> str:
     rows = read_jsonl(results)
     by_part = {part: [r for r in rows if r["part"] == part] for part in PARTS}
     cells = len(lengths) * len(depths)
-    work = bounds(lengths, depths, AutoConfig.from_pretrained(resolve_model("smollm2-135m")))
+    work = bounds(lengths, depths, AutoConfig.from_pretrained(resolve_model(model_ref)))
     scratch_work, reuse_work = work["token"]
     bound = scratch_work / reuse_work
     flop_bound = work["FLOP"][0] / work["FLOP"][1]
     lines = [
+        f"model: {model_ref}",
         f"grid: passkey, lengths {list(lengths)}, {len(depths)} depths (0-100), 1 sample per cell = {cells} cells",
+        f"token bound {bound:.2f}x ({scratch_work:.0f} / {reuse_work:.0f} tokens), "
+        f"FLOP bound {flop_bound:.2f}x (attention over earlier positions included)",
         "",
         "| run | cells done | wall s | CPU s | cells/hour (wall) | prompt tokens processed | mean score |",
         "|---|---|---|---|---|---|---|",
@@ -132,7 +150,6 @@ def report(results: Path, lengths, depths) -> str:
         mean = sum(r["score"] for r in part_rows) / len(part_rows)
         lines.append(f"| {part} | {len(part_rows)} | {seconds:.0f} | {cpu:.0f} | {3600 * len(part_rows) / seconds:.0f} "
                      f"| {tokens} | {mean:.3f} |")
-    lines.append("")
 
     def complete(*parts):
         return all(part in totals and totals[part]["cells"] == cells for part in parts)
@@ -140,39 +157,56 @@ def report(results: Path, lengths, depths) -> str:
     def answers(part):
         return {(r["length"], r["depth"]): (r["score"], r["answer"]) for r in by_part[part]}
 
-    if complete("reuse", "scratch"):
-        reuse, scratch = totals["reuse"], totals["scratch"]
-        lines.append(f"prefill work: {scratch['tokens'] / reuse['tokens']:.2f}x fewer tokens with reuse; "
-                     f"token bound {bound:.2f}x ({scratch_work:.0f} / {reuse_work:.0f} tokens), "
-                     f"FLOP bound {flop_bound:.2f}x (attention over earlier positions included)")
+    for reused, scratch, what in COMPARISONS:
+        if not complete(reused, scratch):
+            continue
+        lines += ["", f"{reused} vs {scratch}, {what}: "
+                      f"{totals[scratch]['tokens'] / totals[reused]['tokens']:.2f}x fewer prompt tokens with reuse"]
         for clock in ("wall", "cpu"):
-            speedup = scratch[clock] / reuse[clock]
-            lines.append(f"reuse vs scratch, {clock} time: {speedup:.2f}x faster = {100 * speedup / bound:.0f}% of the "
-                         f"token bound, {100 * speedup / flop_bound:.0f}% of the FLOP bound")
-        lines.append(f"scores and answers identical: {answers('reuse') == answers('scratch')}")
+            speedup = totals[scratch][clock] / totals[reused][clock]
+            lines.append(f"  {clock} time: {speedup:.2f}x faster = {100 * speedup / bound:.0f}% of the token bound, "
+                         f"{100 * speedup / flop_bound:.0f}% of the FLOP bound")
+        lines.append(f"  scores and answers identical: {answers(reused) == answers(scratch)}")
     if complete("reuse", "teacher"):
         teacher_scores = {key: score for key, (score, _) in answers("teacher").items()}
         agree = sum(teacher_scores[key] == score for key, (score, _) in answers("reuse").items())
-        lines.append(
+        lines += ["", (
             f"teacher-forced vs generation: {totals['reuse']['wall'] / totals['teacher']['wall']:.2f}x faster (wall), "
             f"{totals['reuse']['cpu'] / totals['teacher']['cpu']:.2f}x (CPU); same score in {agree}/{cells} cells"
-        )
+        )]
     return "\n".join(lines)
+
+
+def random_llama(layers: int) -> str:
+    """A directory with random weights of Llama-3.2-1B's layer shape and the default model's tokenizer."""
+    from common import LLAMA_32_1B, write_random_llama
+
+    from longctx.models import read_json, resolve_model
+
+    default_dir = resolve_model("smollm2-135m")
+    tokens = {key: read_json(default_dir / "config.json")[key] for key in ("vocab_size", "bos_token_id", "eos_token_id")}
+    config = {**LLAMA_32_1B, **tokens, "num_hidden_layers": layers, "dtype": "float32"}
+    directory = ROOT / "out" / "needle-bench-models" / f"llama-3.2-1b-shaped-{layers}l-random"
+    return str(write_random_llama(directory, config, tokenizer_source=default_dir))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=list(PARTS), action="append", help="run these parts (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the report")
+    parser.add_argument("--model", default="smollm2-135m", help="model name or directory (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--random-llama-layers", type=int, metavar="K",
+                        help="instead of --model: random weights of Llama-3.2-1B's layer shape with K layers")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine one thread's CPU time is the steadiest measure)")
     parser.add_argument("--results", type=Path, default=ROOT / "out" / "needle-bench" / "results.jsonl")
     args = parser.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    model_ref = random_llama(args.random_llama_layers) if args.random_llama_layers else args.model
     if not args.report:
         for part in args.part or list(PARTS):
-            run_part(part, args.results, LENGTHS, DEPTHS, args.threads)
-    print(report(args.results, LENGTHS, DEPTHS))
+            run_part(part, model_ref, args.results, LENGTHS, DEPTHS, args.threads)
+    print(report(args.results, model_ref, LENGTHS, DEPTHS))
     return 0
 
 

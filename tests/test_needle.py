@@ -146,6 +146,28 @@ def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
     assert prefix.length == max(prefix.length, 1) and prefix.tokens_processed == prefix.length
 
 
+def test_prefill_carries_the_kept_positions_in_its_last_chunk(tiny):
+    from longctx.eval.engine import new_cache
+
+    model, _ = tiny
+    ids = torch.randint(5, model.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        full = model(torch.tensor([ids])).logits[0]
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for keep, forwards in ((0, 3), (1, 3), (2, 3), (3, 3), (10, 1)):  # chunks 4 + 4 + 2, or 4 + 3 + 3 for keep=3
+            calls.clear()
+            logits = prefill(model, new_cache(), ids, chunk_size=4, keep=keep)
+            assert len(calls) == forwards
+            if keep:
+                torch.testing.assert_close(logits, full[-keep:], rtol=1e-4, atol=1e-4)
+            else:
+                assert logits is None
+    finally:
+        hook.remove()
+
+
 def test_reserved_cache_writes_in_place_and_decodes_like_a_fresh_prefill(tiny):
     """Decode steps write into the reserved buffers (no reallocation), a cache that outgrows its
     capacity doubles, and the source of a cropped copy is left as it was."""
@@ -240,6 +262,34 @@ def test_generation_stops_once_the_score_is_settled(tiny):
     stopped = greedy_answer(model, tokenizer, prefix, prompt, 0, max_new_tokens=6, settled=lambda text: len(text) >= 1)
     assert len(free.text) > len(stopped.text) >= 1
     assert free.text.startswith(stopped.text)
+
+
+def test_a_draft_gives_the_greedy_answer_and_saves_the_decode_steps_it_gets_right(tiny):
+    model, tokenizer = tiny
+    prompt = encode(tokenizer, "The pass key is 12345. What is the pass key? The pass key is")
+    budget = 6
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=budget, do_sample=False, min_new_tokens=budget,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        answers = {}
+        for name, draft in {
+            "none": [],
+            "right": reference,
+            "right then wrong": reference[:2] + [(reference[2] + 1) % model.config.vocab_size],
+            "wrong": [(reference[0] + 1) % model.config.vocab_size] * 4,
+        }.items():
+            calls.clear()
+            prefix = PrefixCache(model, prompt, enabled=False)
+            answers[name] = (greedy_answer(model, tokenizer, prefix, prompt, 0, budget, draft=draft).text, len(calls))
+    finally:
+        hook.remove()
+    greedy_text = tokenizer.decode(reference, skip_special_tokens=True).lstrip().split("\n")[0].strip()
+    assert {text for text, _ in answers.values()} == {greedy_text}
+    assert answers["right"][1] == 1  # the prompt's pass alone: no decode step
+    assert answers["right then wrong"][1] == answers["none"][1] - 2
+    assert answers["wrong"][1] == answers["none"][1]
 
 
 def test_multikey_asks_for_the_first_needle_among_distinct_keys():

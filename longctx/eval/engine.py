@@ -8,6 +8,9 @@ rotation depends only on its position, so this is exact. With dynamic NTK the ro
 base depends on the length of the whole forward pass, so a cache built at one length is
 wrong at another: reuse is refused and every prompt is prefilled from scratch.
 
+Greedy answers take the expected answer as a draft verified in the prompt's own pass
+(`greedy_answer`), so a right answer costs no decode step.
+
 Inside `evaluation_mode`, an sdpa model attends with `longctx_cached` (eval/attention.py): a
 chunk run on top of a cache needs no [chunk, cache + chunk] mask, which makes a suffix after
 a reused prefix (and every chunk after the first) 12-30% cheaper on the CPU
@@ -19,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -96,6 +100,10 @@ def _reserved_layer_class():
             self.keys, self.values = key_buffer[..., :end, :], value_buffer[..., :end, :]
             return self.keys, self.values
 
+        def keep_first(self, length: int) -> None:
+            """Drop every position from `length` on; the buffers keep their room."""
+            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+
         def _views_of_buffers(self) -> bool:
             """False once something (batch selection, say) has replaced keys with a tensor of its own."""
             return self.keys.numel() == 0 or (
@@ -138,21 +146,24 @@ def cropped_copy(cache, length: int, capacity: int = 0):
 @torch.no_grad()
 def prefill(model, cache, ids: list[int], *, chunk_size: int = DEFAULT_CHUNK, keep: int = 1) -> torch.Tensor | None:
     """Run ids through the model on top of `cache` in chunks; returns the logits of the last `keep`
-    positions (shape keep x vocab), or None for keep=0. Chunks bound activation memory."""
+    positions (shape keep x vocab), or None for keep=0. Chunks bound activation memory.
+
+    The kept positions ride in the last chunk: a forward pass of their own would read every
+    weight once more, as a decode step does."""
     if not ids:
         return None
     device = model.device
-    split = len(ids) - keep
-    head, last = ids[:split], ids[split:]
-    for start in range(0, len(head), chunk_size):
-        chunk = torch.tensor([head[start : start + chunk_size]], device=device)
+    last_start = (len(ids) - 1) // chunk_size * chunk_size
+    if len(ids) - last_start < keep:  # the kept positions do not fit in the last chunk: they get their own
+        last_start = max(len(ids) - keep, 0)
+    for start in range(0, last_start, chunk_size):
+        chunk = torch.tensor([ids[start : min(start + chunk_size, last_start)]], device=device)
         model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if not last:
-        return None
     logits = model(
-        input_ids=torch.tensor([last], device=device), past_key_values=cache, use_cache=True, logits_to_keep=keep
+        input_ids=torch.tensor([ids[last_start:]], device=device), past_key_values=cache, use_cache=True,
+        logits_to_keep=max(keep, 1),  # 0 would mean all positions
     ).logits
-    return logits[0, -keep:].float()
+    return logits[0, -keep:].float() if keep else None
 
 
 class PrefixCache:
@@ -192,28 +203,48 @@ class Answer:
 @torch.no_grad()
 def greedy_answer(
     model, tokenizer, prefix: PrefixCache, ids: list[int], shared: int, max_new_tokens: int,
-    settled: Callable[[str], bool] | None = None,
+    settled: Callable[[str], bool] | None = None, draft: list[int] = (),
 ) -> Answer:
     """Greedy continuation of the prompt, stopping at end of sequence, at the end of the first line,
     or as soon as `settled(text)` says more tokens cannot change the score. On CPU a decode step
-    reads every weight, so the steps saved matter as much as a few hundred prompt tokens each."""
+    reads every weight, so the steps saved matter as much as a few hundred prompt tokens each.
+
+    `draft` (the expected answer's tokens) is verified in the prompt's own forward pass, as in
+    assisted generation: the greedy tokens are read off that pass for as long as they agree with
+    the draft, and decoding one token at a time starts only where they differ. A right answer
+    then costs no decode step at all; the answer is the greedy one either way."""
+    draft = list(draft)[: max(max_new_tokens - 1, 0)]
     cache, position = prefix.start(ids, shared, max_new_tokens)
-    logits = prefill(model, cache, ids[position:], chunk_size=prefix.chunk_size, keep=1)
+    logits = prefill(model, cache, (ids + draft)[position:], chunk_size=prefix.chunk_size, keep=len(draft) + 1)
     stop_ids = _stop_ids(model, tokenizer)
     generated: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(logits[-1].argmax())
+    for token in islice(_greedy_tokens(model, cache, logits, draft, len(ids)), max_new_tokens):
         if token in stop_ids:
             break
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
         if "\n" in text.lstrip() or (settled is not None and settled(text.lstrip())):
             break
-        logits = model(
-            input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True
-        ).logits[0].float()
     text = tokenizer.decode(generated, skip_special_tokens=True)
     return Answer(text.lstrip().split("\n")[0].strip(), None, len(ids) - position)
+
+
+def _greedy_tokens(model, cache, logits: torch.Tensor, draft: list[int], prompt_length: int) -> Iterator[int]:
+    """The greedy tokens after a prompt, lazily. `cache` holds the prompt and the draft; `logits[i]`
+    are the logits after the prompt and draft[:i]."""
+    accepted = 0
+    token = int(logits[0].argmax())
+    while accepted < len(draft) and token == draft[accepted]:
+        yield token
+        accepted += 1
+        token = int(logits[accepted].argmax())
+    yield token
+    for layer in cache.layers:  # forget the draft tokens after the first disagreement
+        layer.keep_first(prompt_length + accepted)
+    while True:
+        logits = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+        yield token
 
 
 @torch.no_grad()

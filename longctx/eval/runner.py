@@ -78,7 +78,8 @@ class Evaluator:
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.scoring, self.seed = scoring, seed
         self.style = detect_style(tokenizer, prompt_style, task.name)
-        self.prefix_reuse = prefix_reuse and prefix_reuse_supported(model.config)
+        self.static_rope = prefix_reuse_supported(model.config)
+        self.prefix_reuse = prefix_reuse and self.static_rope
         if prefix_reuse and not self.prefix_reuse:
             log.warning(
                 "rope type %s changes the rotation with the sequence length, so a haystack KV cache cannot be "
@@ -105,10 +106,11 @@ class Evaluator:
                 scored = [right for right, (_, counts) in zip(answer.parts_right, sample.answer_pieces) if counts]
                 score = sum(scored) / len(scored)
             else:
-                budget = len(encode(self.tokenizer, sample.answer)) + EXTRA_NEW_TOKENS
+                expected = encode(self.tokenizer, sample.answer)
                 answer = greedy_answer(
-                    self.model, self.tokenizer, self.prefix, prompt.ids, prompt.shared_prefix, budget,
-                    settled=lambda text: score_is_settled(sample, text),
+                    self.model, self.tokenizer, self.prefix, prompt.ids, prompt.shared_prefix,
+                    len(expected) + EXTRA_NEW_TOKENS, settled=lambda text: score_is_settled(sample, text),
+                    draft=expected if self.static_rope else (),  # a draft lengthens the prompt's pass
                 )
                 score = score_answer(sample, answer.text)
         return CellResult(
