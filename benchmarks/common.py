@@ -91,6 +91,16 @@ def llama_layout(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def partial_dir(out_dir: Path, max_shard_bytes: int = 1 << 30):
+    """(a fresh <out_dir>.partial, a shard writer into it); rename it to out_dir once complete."""
+    from longctx.models import ShardedSafetensorsWriter
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp, ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+
+
 def write_random_llama(
     directory: Path, config: dict, *, tokenizer_source: Path | None = None, seed: int = 0, max_shard_bytes: int = 1 << 30
 ) -> Path:
@@ -99,16 +109,13 @@ def write_random_llama(
     An existing directory is reused."""
     import torch
 
-    from longctx.models import ShardedSafetensorsWriter, copy_auxiliary_files, write_json
+    from longctx.models import copy_auxiliary_files, write_json
 
     if (directory / "config.json").is_file():
         return directory
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp, writer = partial_dir(directory, max_shard_bytes)
     dtype = getattr(torch, config["dtype"])
     generator = torch.Generator().manual_seed(seed)
-    writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
     for name, shape in llama_layout(config).items():
         tensor = torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator)
         writer.add(name, tensor.to(dtype))

@@ -34,11 +34,10 @@ import sys
 from pathlib import Path
 
 import torch
-from common import LLAMA_32_1B, run_measured, write_random_llama
+from common import LLAMA_32_1B, partial_dir, run_measured, write_random_llama
 
 from longctx.lora.extract import measure_adapter
 from longctx.models import (
-    ShardedSafetensorsWriter,
     TensorReader,
     copy_auxiliary_files,
     link_or_copy,
@@ -67,14 +66,6 @@ def structured_delta(weight: torch.Tensor, generator: torch.Generator) -> torch.
     return delta
 
 
-def _partial_dir(out_dir: Path) -> tuple[Path, ShardedSafetensorsWriter]:
-    """A fresh <out_dir>.partial and a shard writer into it (renamed to out_dir when complete)."""
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp, ShardedSafetensorsWriter(tmp, max_shard_bytes=1 << 30)
-
-
 def with_architectures(model_dir: Path, link_dir: Path) -> Path:
     """mergekit needs config.architectures, which a GGUF-converted config lacks: give it a
     hard-linked copy of the model whose config names the architecture (the weights are the same files)."""
@@ -95,7 +86,7 @@ def make_extended(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     generator = torch.Generator().manual_seed(seed)
-    tmp, writer = _partial_dir(out_dir)
+    tmp, writer = partial_dir(out_dir)
     with TensorReader(base_dir) as base:
         for name, tensor in base.iter_tensors():
             if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
