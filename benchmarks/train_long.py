@@ -1,11 +1,14 @@
 """How long a sequence one training step of SmolLM2-135M fits in CPU memory, and how fast it runs.
 
-Two ways to run one training step (forward + backward, float32, sdpa attention, one sequence):
+Three ways to run one training step (forward + backward, float32, sdpa attention, one sequence):
 
-  transformers   the peer: `model(input_ids, labels=...)`, the stock causal-LM loss over full
-                 [seq, vocab] logits, no activation checkpointing
-  longctx        what `longctx train` runs: hidden states from `model.model`, chunked cross-entropy
-                 (loss_chunk_size 4096) and activation checkpointing of every decoder layer
+  transformers       `model(input_ids, labels=...)`, the stock causal-LM loss over full
+                     [seq, vocab] logits, no activation checkpointing
+  transformers-ckpt  the peer users actually run for long sequences: the same, after
+                     `model.gradient_checkpointing_enable()`
+  longctx            what `longctx train` runs: hidden states from `model.model`, chunked
+                     cross-entropy (loss_chunk_size 4096) and activation checkpointing of every
+                     decoder layer; against transformers-ckpt, the difference is the chunked loss
 
 Each (way, length) runs in a fresh subprocess; a watchdog thread samples its RSS every 10 ms and
 kills it above --cap-gib (the machine is shared: we never go near 24 GiB). A (way, length) whose
@@ -32,12 +35,13 @@ import threading
 import time
 
 GIB = 1024**3
-WAYS = ("transformers", "longctx")
+WAYS = ("transformers", "transformers-ckpt", "longctx")
+PEERS = ("transformers", "transformers-ckpt")
 BUDGET_GIB = 24.0
 
 
 def child(way: str, length: int, cap_gib: float) -> None:
-    """Run one training step and print {"rss_before", "rss_peak", "seconds"} as JSON."""
+    """Run one training step and print {"rss_before", "rss_peak", "seconds", "cpu_seconds"} as JSON."""
     import psutil
     import torch
     from transformers import AutoModelForCausalLM
@@ -51,6 +55,8 @@ def child(way: str, length: int, cap_gib: float) -> None:
                                                  attn_implementation="sdpa")
     model.train()
     module = model
+    if way == "transformers-ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if way == "longctx":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         module = CausalLMLoss(model, chunk_size=4096)
@@ -73,16 +79,16 @@ def child(way: str, length: int, cap_gib: float) -> None:
     rss_before = process.memory_info().rss
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if way == "longctx":
         loss_sum, count = module(input_ids=input_ids, position_ids=positions, labels=labels)
         (loss_sum / count).backward()
     else:
         model(input_ids=input_ids, labels=input_ids, position_ids=positions, use_cache=False).loss.backward()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     done.set()
     thread.join()
-    print(json.dumps({"rss_before": rss_before, "rss_peak": peak[0], "seconds": seconds}), flush=True)
+    print(json.dumps({"rss_before": rss_before, "rss_peak": peak[0], "seconds": seconds, "cpu_seconds": cpu_seconds}), flush=True)
 
 
 def measure(way: str, length: int, cap_gib: float, threads: int) -> dict:
@@ -185,23 +191,29 @@ def main() -> int:
 
     print(f"\nSmolLM2-135M, one training step (forward + backward), float32, 1 sequence, CPU "
           f"({os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads), no GPU")
-    print("\n| length | transformers peak RSS (GiB) | longctx peak RSS (GiB) | ratio | transformers s | longctx s |")
-    print("|---|---|---|---|---|---|")
+    def gib(record):
+        if record.get("capped"):
+            return "capped"
+        return f"{record['rss_peak'] / GIB:.2f}" + (" (predicted, not run)" if record.get("predicted") else "")
+
+    def sec(record):
+        return f"{record['seconds']:.1f}" if "seconds" in record else "-"
+
+    def ratio(peer, ours):
+        if peer.get("capped") or ours.get("capped"):
+            return "-"
+        text = f"{peer['rss_peak'] / ours['rss_peak']:.2f}x"
+        return text + (" (predicted)" if peer.get("predicted") or ours.get("predicted") else "")
+
+    print("\n| length | " + " | ".join(f"{way} peak RSS (GiB)" for way in WAYS) + " | "
+          + " | ".join(f"{peer} / longctx" for peer in PEERS) + " | " + " | ".join(f"{way} s" for way in WAYS) + " |")
+    print("|---" * (2 * len(WAYS) + len(PEERS) + 1) + "|")
     for length in sorted({length for _, length in records}):
-        peer, ours = records[("transformers", length)], records[("longctx", length)]
-
-        def gib(record):
-            if record.get("capped"):
-                return "capped"
-            return f"{record['rss_peak'] / GIB:.2f}" + (" (predicted, not run)" if record.get("predicted") else "")
-
-        def sec(record):
-            return f"{record['seconds']:.1f}" if "seconds" in record else "-"
-
-        ratio = "-" if peer.get("capped") or ours.get("capped") else f"{peer['rss_peak'] / ours['rss_peak']:.2f}x"
-        if peer.get("predicted") or ours.get("predicted"):
-            ratio += " (predicted)"
-        print(f"| {length} | {gib(peer)} | {gib(ours)} | {ratio} | {sec(peer)} | {sec(ours)} |")
+        row = [records[(way, length)] for way in WAYS]
+        ours = records[("longctx", length)]
+        print(f"| {length} | " + " | ".join(gib(r) for r in row) + " | "
+              + " | ".join(ratio(records[(peer, length)], ours) for peer in PEERS) + " | "
+              + " | ".join(sec(r) for r in row) + " |")
 
     summary = {}
     print(f"\nlongest sequence in {BUDGET_GIB:.0f} GiB (least-squares line through the measured points at or "
@@ -216,21 +228,22 @@ def main() -> int:
             print(f"  {way}: {longest:,} tokens ({line[1] / 1024:.0f} KiB/token, line through {used})")
         else:
             print(f"  {way}: not enough points")
-    if summary.get("transformers") and summary.get("longctx"):
-        print(f"  ratio longctx / transformers: {summary['longctx'] / summary['transformers']:.1f}x")
+    for peer in PEERS:
+        if summary.get(peer) and summary.get("longctx"):
+            print(f"  ratio longctx / {peer}: {summary['longctx'] / summary[peer]:.1f}x")
 
     def speed(record: dict, length: int) -> str:
         return f"{length / record['seconds']:.0f}" if "seconds" in record else "not run"
 
     print("\ntokens/s (one step):")
-    print("| length | transformers | longctx | ratio longctx/transformers |\n|---|---|---|---|")
+    print("| length | " + " | ".join(WAYS) + " | " + " | ".join(f"longctx / {peer}" for peer in PEERS) + " |")
+    print("|---" * (len(WAYS) + len(PEERS) + 1) + "|")
     for length in speed_lengths:
-        peer, ours = records[("transformers", length)], records[("longctx", length)]
-        if "seconds" not in peer or "seconds" not in ours:
-            print(f"| {length} | {speed(peer, length)} | {speed(ours, length)} | - |")
-            continue
-        print(f"| {length} | {length / peer['seconds']:.0f} | {length / ours['seconds']:.0f} | "
-              f"{peer['seconds'] / ours['seconds']:.2f}x |")
+        row = [records[(way, length)] for way in WAYS]
+        ours = records[("longctx", length)]
+        speedups = [f"{records[(peer, length)]['seconds'] / ours['seconds']:.2f}x"
+                    if "seconds" in records[(peer, length)] and "seconds" in ours else "-" for peer in PEERS]
+        print(f"| {length} | " + " | ".join(speed(r, length) for r in row) + " | " + " | ".join(speedups) + " |")
     print(json.dumps({"max_tokens_24gib": summary,
                       "tokens_per_s": {str(l): {w: (l / records[(w, l)]["seconds"] if "seconds" in records[(w, l)] else None)
                                                 for w in WAYS} for l in speed_lengths}}))
