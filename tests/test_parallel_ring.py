@@ -141,7 +141,7 @@ def test_rings_on_subgroups():
 
 # --- the tiling of each ring step, and the kernels (no process group needed) ---
 
-from longctx.parallel import blocks  # noqa: E402
+from longctx.attention import blocks  # noqa: E402
 from longctx.parallel import ring as ring_module  # noqa: E402
 from longctx.parallel.zigzag import zigzag_global_indices  # noqa: E402
 

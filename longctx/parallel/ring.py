@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.errors import LongctxError
-from longctx.parallel.blocks import NEG_INF, block_backward, block_forward, choose_kernel, merge_into
+from longctx.attention.blocks import NEG_INF, block_backward, block_forward, choose_kernel, merge_into
 from longctx.parallel.zigzag import zigzag_global_indices
 
 BACKENDS = ("auto", "torch", "torch-math", "ring-flash-attn")
@@ -140,7 +140,7 @@ class _RingConfig:
     world_size: int
     scale: float
     causal: bool
-    kernel: str  # "cpu-flash", "cuda-flash", "cuda-efficient" or "math" (see blocks.py)
+    kernel: str  # "cpu-flash", "cuda-flash", "cuda-efficient" or "math" (see longctx/attention/blocks.py)
 
 
 @dataclass(frozen=True)
