@@ -51,7 +51,7 @@ def run_model(name: str, out_dir: Path, results: Path, depths=DEPTHS) -> None:
 
     from longctx.eval import Evaluator
     from longctx.eval.engine import rope_type
-    from longctx.eval.tasks import Task
+    from longctx.tasks.retrieval import Task
     from longctx.models import load_model_and_tokenizer
 
     done = {(r["model"], r["depth"]) for r in read_jsonl(results)}

@@ -25,7 +25,7 @@ from pathlib import Path
 from longctx.errors import LongctxError
 from longctx.eval.engine import DEFAULT_CHUNK, check_memory
 from longctx.eval.heatmap import length_label, plot_heatmap
-from longctx.eval.tasks import Task
+from longctx.tasks.retrieval import Task
 
 log = logging.getLogger(__name__)
 

@@ -94,9 +94,9 @@ def passkey_documents(
     answer sits instead of where the key is: trained on one length only, a tiny model
     answered at that prompt length and at no other, not even a few tokens shorter.
     """
-    from longctx.eval.haystacks import build_haystack, encode
-    from longctx.eval.prompts import PromptBuilder, detect_style
-    from longctx.eval.tasks import Task
+    from longctx.tasks.haystacks import build_haystack, encode
+    from longctx.tasks.prompts import PromptBuilder, detect_style
+    from longctx.tasks.retrieval import Task
 
     task = Task("passkey")
     style = detect_style(tokenizer, "auto", task.name)  # the raw passkey text for every model, as the needle test
