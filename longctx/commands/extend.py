@@ -10,6 +10,7 @@ from pathlib import Path
 from longctx.commands._args import add_output_arguments, formatter
 from longctx.commands.plan import add_model_target_method_arguments
 from longctx.errors import LongctxError
+from longctx.units import format_bytes
 
 DESCRIPTION = """\
 Write a copy of a model whose config extends its context to --target-len tokens: the new
@@ -76,13 +77,6 @@ METHOD_OPTIONS = ("factor", "rope_theta", "beta_fast", "beta_slow", "attention_f
                   "truncate", "low_freq_factor", "high_freq_factor")
 
 
-def _size(count: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
-
-
 def _training_entry_point(config_path: Path):
     if not config_path.is_file():
         raise LongctxError(f"training config {config_path} not found; give an existing YAML file to --train")
@@ -120,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  method:  {args.method}: {describe_rope(result.settings)}")
     print(f"  config:  rope_parameters {json.dumps(result.settings['rope_parameters'])}, "
           f"max_position_embeddings {result.settings['max_position_embeddings']}")
-    print(f"  weights: {len(result.weight_files)} file(s), {_size(result.weight_bytes)}, {how}")
+    print(f"  weights: {len(result.weight_files)} file(s), {format_bytes(result.weight_bytes)}, {how}")
     print(f"  carried: {', '.join(result.carried) or 'no tokenizer or generation files found'}")
     print(f"  record:  {result.output / 'longctx.json'}")
     if train_after_extend is None:

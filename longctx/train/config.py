@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from longctx.errors import LongctxError
+from longctx.units import parse_token_count
 
 MODES = ("full", "lora")
 PRECISIONS = ("float32", "bfloat16")
@@ -187,8 +188,6 @@ def parse_config(raw: dict) -> TrainConfig:
 
 
 def parse_stage(raw: Any, where: str) -> StageConfig:
-    from longctx.commands._args import parse_token_count
-
     if not isinstance(raw, dict):
         raise LongctxError(f"{where} must be a mapping with seq_len, steps or tokens, learning_rate")
     raw = dict(raw)
