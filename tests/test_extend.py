@@ -16,7 +16,7 @@ from conftest import make_tiny_llama
 
 from longctx.cli import main
 from longctx.models.metadata import read_metadata
-from longctx.rope.extend import extend_model
+from longctx.models.extend import extend_model
 from longctx.rope.methods import (
     default_rope,
     dynamic_ntk_rope,

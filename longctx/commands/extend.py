@@ -89,7 +89,7 @@ def _training_entry_point(config_path: Path):
 
 def run(args: argparse.Namespace) -> int:
     from longctx.models import check_output_free, resolve_model
-    from longctx.rope.extend import extend_model
+    from longctx.models.extend import extend_model
     from longctx.rope.planner import describe_rope
 
     train_after_extend = _training_entry_point(Path(args.train)) if args.train else None
