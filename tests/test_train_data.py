@@ -7,9 +7,10 @@ import pytest
 from conftest import make_tokenizer
 
 from longctx.errors import LongctxError
+from longctx.labels import IGNORE_INDEX
 from longctx.train.config import DataConfig
 from longctx.train.data import (
-    IGNORE_INDEX, BatchStream, Document, pack_documents, packed_rows, passkey_documents, row_lengths,
+    BatchStream, Document, pack_documents, packed_rows, passkey_documents, row_lengths,
 )
 
 

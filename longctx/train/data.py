@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from longctx.errors import LongctxError
+from longctx.labels import IGNORE_INDEX
 from longctx.train.config import FILE_FORMATS, DataConfig, resolve_data_files
 
-IGNORE_INDEX = -100
 MIN_HAYSTACK_TOKENS = 16  # the least haystack a synthetic passkey document holds
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from longctx.errors import LongctxError
+from longctx.labels import IGNORE_INDEX
 from longctx.train import checkpoint as ckpt
 from longctx.train.config import StageConfig, TrainConfig
-from longctx.train.data import IGNORE_INDEX, BatchStream, packed_rows
+from longctx.train.data import BatchStream, packed_rows
 from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
 
 log = logging.getLogger(__name__)
