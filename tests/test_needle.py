@@ -11,17 +11,10 @@ from conftest import make_tiny_llama, make_tokenizer
 from longctx.errors import LongctxError
 from longctx.eval import Evaluator, passkey_accuracy
 from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, greedy_answer, prefill
+from longctx.eval.scoring import first_integer_match, keyword_recall, score_answer, score_is_settled, string_match_all
 from longctx.tasks.haystacks import build_haystack, encode, load_haystack_text
 from longctx.tasks.prompts import PromptBuilder, assemble_prompt, detect_style, needle_depths
-from longctx.tasks.retrieval import (
-    TASKS,
-    Task,
-    first_integer_match,
-    keyword_recall,
-    score_answer,
-    score_is_settled,
-    string_match_all,
-)
+from longctx.tasks.retrieval import TASKS, Task
 
 
 @pytest.fixture(scope="module")

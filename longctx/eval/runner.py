@@ -23,9 +23,10 @@ from longctx.eval.engine import (
     rope_type,
     teacher_forced_answer,
 )
+from longctx.eval.scoring import score_answer, score_is_settled
 from longctx.tasks.haystacks import build_haystack, encode
 from longctx.tasks.prompts import PromptBuilder, detect_style
-from longctx.tasks.retrieval import Task, score_answer, score_is_settled
+from longctx.tasks.retrieval import Task
 
 log = logging.getLogger(__name__)
 
