@@ -73,10 +73,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-METHOD_OPTIONS = ("factor", "rope_theta", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
-                  "truncate", "low_freq_factor", "high_freq_factor")
-
-
 def _training_entry_point(config_path: Path):
     if not config_path.is_file():
         raise LongctxError(f"training config {config_path} not found; give an existing YAML file to --train")
@@ -90,7 +86,7 @@ def _training_entry_point(config_path: Path):
 def run(args: argparse.Namespace) -> int:
     from longctx.models import check_output_free, resolve_model
     from longctx.models.extend import extend_model
-    from longctx.rope.planner import describe_rope
+    from longctx.rope.planner import OPTIONS, describe_rope
 
     train_after_extend = _training_entry_point(Path(args.train)) if args.train else None
     start = time.perf_counter()
@@ -105,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         force=args.force,
         allow_pickle=args.allow_pickle,
-        **{name: getattr(args, name) for name in METHOD_OPTIONS},
+        **{name: getattr(args, name) for name in OPTIONS},
     )
     elapsed = time.perf_counter() - start
     how = "hard-linked" if not result.copied else ("copied" if not result.linked else f"{result.linked} linked, {result.copied} copied")

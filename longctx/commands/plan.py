@@ -6,10 +6,13 @@ import argparse
 import json
 
 from longctx.commands._args import add_model_argument, formatter, token_count
+from longctx.rope.methods import ROPE_METHODS
+from longctx.rope.planner import DEFAULT_METHOD, METHODS
 from longctx.units import format_token_total
 
-METHODS = ("linear", "ntk", "scaling-law", "dynamic", "yarn", "llama3")  # = longctx.rope.planner.METHODS
-DEFAULT_METHOD = "ntk"  # = longctx.rope.planner.DEFAULT_METHOD (kept here so --help imports no torch)
+METHOD_LINES = "\n".join(
+    f"  {name:<12} {ROPE_METHODS[name].summary}" + (" (default)" if name == DEFAULT_METHOD else "") for name in METHODS
+)
 
 DESCRIPTION = """\
 Show the rope parameters that extend a model to --target-len tokens, and a progressive
@@ -17,12 +20,7 @@ fine-tuning schedule that reaches it (stage lengths, rope parameters per stage, 
 steps and tokens). Only the model's config.json is read: no weights are needed.
 
 Methods:
-  linear       position interpolation: every frequency divided by the factor
-  ntk          NTK-aware base: theta * s^(d/(d-2)); config stays rope_type default (default)
-  scaling-law  theta(T) = theta^(ln(T/2pi)/ln(T0/2pi)) (Gradient's Llama-3 1M values)
-  dynamic      NTK base that grows with the sequence length at inference time
-  yarn         NTK-by-parts interpolation plus attention temperature
-  llama3       Llama 3.1 piecewise: low frequencies divided, high kept, smooth between
+""" + METHOD_LINES + """
 
 The default is ntk: the config stays a plain rope_theta that every runtime and merge path
 reads, a KV cache stays valid at every length (unlike dynamic), short prompts keep working

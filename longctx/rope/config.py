@@ -14,11 +14,9 @@ from __future__ import annotations
 import copy
 
 from longctx.errors import LongctxError
-from longctx.rope.methods import compute_rope
+from longctx.rope.methods import ROPE_METHODS, ROPE_TYPES, TYPES_WITH_ORIGINAL_LENGTH, RopeMethod, compute_rope
 
 DEFAULT_THETA = 10000.0  # transformers' default_theta when a config names none
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
-TYPES_WITH_ORIGINAL_LENGTH = ("yarn", "llama3", "longrope")
 V4_KEYS = ("rope_scaling", "rope_theta")
 
 
@@ -99,25 +97,33 @@ def rotary_dim(config: dict, rope_parameters: dict | None = None) -> int:
     return int(head_dim(config) * factor)
 
 
+def _method(params: dict) -> RopeMethod:
+    """The table entry of a config's rope_type; a type longctx does not know reads as unscaled
+    (rope_for_length and rope_frequencies refuse it)."""
+    return ROPE_METHODS[params["rope_type"]] if params["rope_type"] in ROPE_TYPES else ROPE_METHODS["default"]
+
+
 def native_length(settings: dict) -> int:
     """The pre-training context length the rope settings start from.
 
-    For an unscaled model it is max_position_embeddings; for a scaled one, the length
-    before scaling (dynamic keeps it in max_position_embeddings; linear divides by factor).
+    For an unscaled model it is max_position_embeddings; for a scaled one, the length before
+    scaling: original_max_position_embeddings where the type keeps it (yarn, llama3, longrope),
+    max_position_embeddings where transformers reads it as that length (dynamic), else
+    max_position_embeddings / factor (linear).
     """
     params = settings["rope_parameters"]
-    rope_type = params["rope_type"]
-    if rope_type in TYPES_WITH_ORIGINAL_LENGTH:
+    method = _method(params)
+    if method.keeps_original_length:
         return int(params["original_max_position_embeddings"])
-    if rope_type == "linear":
-        return round(settings["max_position_embeddings"] / params["factor"])
-    return int(settings["max_position_embeddings"])
+    if method is ROPE_METHODS["default"] or method.max_position_is_native:
+        return int(settings["max_position_embeddings"])
+    return round(settings["max_position_embeddings"] / params["factor"])  # linear: the scaled length
 
 
 def context_length(settings: dict) -> int:
     """The context length the settings are meant for (dynamic: original length x factor)."""
     params = settings["rope_parameters"]
-    if params["rope_type"] == "dynamic":
+    if _method(params).max_position_is_native:
         return round(settings["max_position_embeddings"] * params["factor"])
     return int(settings["max_position_embeddings"])
 
@@ -126,8 +132,8 @@ def rope_frequencies(config: dict, seq_len: int | None = None):
     """(inv_freq, attention_factor) that transformers builds for this config.json dict."""
     settings = rope_settings(config)
     params = settings["rope_parameters"]
-    if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise LongctxError(f"rope_type {params['rope_type']!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if params["rope_type"] not in ROPE_TYPES:
+        raise LongctxError(f"rope_type {params['rope_type']!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     return compute_rope(
         params,
         rotary_dim=rotary_dim(config, params),
