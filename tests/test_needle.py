@@ -217,6 +217,29 @@ def test_dynamic_rope_falls_back_to_full_prefill(tmp_path, caplog):
     assert evaluator.evaluate(400, 50).processed_tokens == 400
 
 
+def test_prefix_reuse_is_refused_when_any_layer_type_has_a_length_dependent_rope():
+    """The engine reads rope types through longctx.rope.config (no private parser, no broad except):
+    a Gemma-3-style config whose full-attention layers use dynamic NTK refuses reuse even though
+    its first layer type (sliding) is static; a model without RoPE reuses."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    from longctx.eval.engine import length_dependent_rope, prefix_reuse_supported
+
+    gemma = Gemma3TextConfig(rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0},
+    })
+    assert length_dependent_rope(gemma) == ["dynamic"] and not prefix_reuse_supported(gemma)
+    assert length_dependent_rope(LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2.0})) == ["dynamic"]
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [2.0],
+                "original_max_position_embeddings": 64}
+    assert length_dependent_rope({"rope_parameters": longrope, "max_position_embeddings": 256}) == ["longrope"]
+    for static in (LlamaConfig(), LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0}), Gemma3TextConfig(), GPT2Config()):
+        assert prefix_reuse_supported(static)
+    with pytest.raises(LongctxError, match="corrupt"):
+        prefix_reuse_supported({"rope_parameters": "dynamic"})
+
+
 def test_scoring_rules():
     assert first_integer_match(" 12345. Remember", "12345") == 1.0
     assert first_integer_match("is 123456", "12345") == 0.0

@@ -24,8 +24,9 @@ def _describe(config: dict) -> str:
     return f"model type {config.get('model_type', 'unknown')!r}"
 
 
-def rope_settings(config: dict) -> dict:
-    """{"rope_parameters": v5 dict with rope_type and rope_theta, "max_position_embeddings": int}."""
+def _written_rope(config: dict) -> dict | None:
+    """The rope settings as the config writes them (a copy): v5 rope_parameters, else v4
+    rope_scaling (an empty dict when only rope_theta is given); None for a model without RoPE."""
     v5 = config.get("rope_parameters")
     v4 = config.get("rope_scaling")
     if v5:
@@ -33,20 +34,39 @@ def rope_settings(config: dict) -> dict:
     elif v4 or "rope_theta" in config:
         params = copy.deepcopy(v4) if v4 else {}
     else:
-        raise LongctxError(
-            f"{_describe(config)} has no RoPE settings (no rope_parameters, rope_scaling or rope_theta in config.json); "
-            "longctx extends RoPE models such as Llama, Mistral or Qwen"
-        )
+        return None
     if not isinstance(params, dict):
         raise LongctxError(f"rope settings in config.json are {type(params).__name__}, not a dict; the config is corrupt")
-    if params and all(isinstance(value, dict) for value in params.values()):
-        raise LongctxError(
-            f"{_describe(config)} uses a different RoPE per layer type ({', '.join(params)}); longctx handles one RoPE per model"
-        )
+    return params
+
+
+def _per_layer_type(params: dict) -> bool:
+    """Whether the settings are one dict per layer type (Gemma 3: sliding_attention, full_attention)."""
+    return bool(params) and all(isinstance(value, dict) for value in params.values())
+
+
+def _take_rope_type(params: dict) -> str:
+    """Normalize the v4 `type` key to `rope_type` in place; returns the type ("default" when none)."""
     if "rope_type" not in params:
         params["rope_type"] = params.pop("type", "default")
     else:
         params.pop("type", None)
+    return params["rope_type"]
+
+
+def rope_settings(config: dict) -> dict:
+    """{"rope_parameters": v5 dict with rope_type and rope_theta, "max_position_embeddings": int}."""
+    params = _written_rope(config)
+    if params is None:
+        raise LongctxError(
+            f"{_describe(config)} has no RoPE settings (no rope_parameters, rope_scaling or rope_theta in config.json); "
+            "longctx extends RoPE models such as Llama, Mistral or Qwen"
+        )
+    if _per_layer_type(params):
+        raise LongctxError(
+            f"{_describe(config)} uses a different RoPE per layer type ({', '.join(params)}); longctx handles one RoPE per model"
+        )
+    _take_rope_type(params)
     params.setdefault("rope_theta", config.get("rope_theta", DEFAULT_THETA))
     if config.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
@@ -63,6 +83,16 @@ def rope_settings(config: dict) -> dict:
         else:
             params.setdefault("original_max_position_embeddings", max_position_embeddings)
     return {"rope_parameters": params, "max_position_embeddings": max_position_embeddings}
+
+
+def rope_types(config: dict) -> set[str]:
+    """Every rope_type the model's attention uses: one for most models, one per layer type where the
+    settings are keyed by layer type (Gemma 3), none for a model without RoPE. Unlike rope_settings
+    this refuses nothing: it answers what a model does, for any model evaluation may load."""
+    params = _written_rope(config)
+    if params is None:
+        return set()
+    return {_take_rope_type(one) for one in (params.values() if _per_layer_type(params) else [params])}
 
 
 def apply_rope_settings(config: dict, rope_parameters: dict, max_position_embeddings: int) -> dict:
