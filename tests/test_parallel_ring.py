@@ -192,6 +192,10 @@ def test_kernel_check_against_math(monkeypatch):
     monkeypatch.setattr(blocks, "_cpu_flash_forward", lambda *a: (lambda o, lse: (o, lse + 0.1))(*honest(*a)))
     with pytest.warns(UserWarning, match="differs from the math kernel"):
         assert not blocks.kernel_matches_math("cpu-flash", torch.device("cpu"), torch.float32, 16)
+    # a bug in our own call (a TypeError) is not mistaken for a missing kernel
+    monkeypatch.setattr(blocks, "_cpu_flash_forward", lambda *a: honest(*a[:-1]))
+    with pytest.raises(TypeError):
+        blocks.kernel_matches_math("cpu-flash", torch.device("cpu"), torch.float32, 16)
 
 
 def test_choose_kernel_falls_back_to_math_and_remembers(monkeypatch):

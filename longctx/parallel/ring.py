@@ -312,7 +312,7 @@ def flash_attn_available() -> bool:
         return False
     try:
         import flash_attn  # noqa: F401
-    except Exception:
+    except (ImportError, OSError):  # installed but built against another torch or CUDA, or a library missing
         return False
     return True
 
