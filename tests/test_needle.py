@@ -121,6 +121,11 @@ def test_dataset_haystack_reads_a_local_file(tmp_path):
     assert load_haystack_text(f"dataset:{tmp_path / 'rows.jsonl'}:train:body") == "First row.\n\nSecond row."
     with pytest.raises(LongctxError, match="no column"):
         load_haystack_text(f"dataset:{tmp_path / 'rows.jsonl'}:train:text")
+    (tmp_path / "broken.jsonl").write_text('{"body": "First row."}\n{"body": not json\n')
+    with pytest.raises(LongctxError, match="cannot load dataset"):
+        load_haystack_text(f"dataset:{tmp_path / 'broken.jsonl'}:train:body")
+    with pytest.raises(LongctxError, match="cannot load dataset"):  # not on disk, and no hub here
+        load_haystack_text("dataset:no-such-org/no-such-dataset")
 
 
 def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):

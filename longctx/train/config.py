@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from longctx.errors import LongctxError
+from longctx.tasks.haystacks import DATASET_BUILDERS
 from longctx.units import parse_token_count
 
 MODES = ("full", "lora")
 PRECISIONS = ("float32", "bfloat16")
 DATA_SOURCES = ("synthetic-passkey", "files", "hub")
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 LR_SCHEDULES = ("constant", "cosine")
 PASSKEY_LOSS = ("all", "answer")
 
@@ -340,10 +340,10 @@ def resolve_data_files(paths: list[str]) -> list[str]:
         if not matches:
             raise LongctxError(f"data path {pattern} matches no file; check data.paths")
         files.extend(matches)
-    formats = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    formats = {DATASET_BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in formats:
-        bad = next(f for f in files if Path(f).suffix.lower() not in FILE_FORMATS)
-        raise LongctxError(f"{bad}: unknown data format; use .jsonl, .json, .parquet or .txt files")
+        bad = next(f for f in files if Path(f).suffix.lower() not in DATASET_BUILDERS)
+        raise LongctxError(f"{bad}: unknown data format; use {', '.join(DATASET_BUILDERS)} files")
     if len(formats) > 1:
-        raise LongctxError("data.paths mixes formats; give files of one format (jsonl, parquet or text)")
+        raise LongctxError("data.paths mixes formats; give files of one format (jsonl, parquet, csv or text)")
     return files

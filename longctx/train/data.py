@@ -28,7 +28,8 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.labels import IGNORE_INDEX
-from longctx.train.config import FILE_FORMATS, DataConfig, resolve_data_files
+from longctx.tasks.haystacks import DATASET_BUILDERS, dataset_errors
+from longctx.train.config import DataConfig, resolve_data_files
 
 MIN_HAYSTACK_TOKENS = 16  # the least haystack a synthetic passkey document holds
 
@@ -141,7 +142,7 @@ def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Docume
 
     if data.source == "files":
         files = resolve_data_files(data.paths)
-        builder = FILE_FORMATS[files[0][files[0].rfind(".") :].lower()]
+        builder = DATASET_BUILDERS[files[0][files[0].rfind(".") :].lower()]
         load_args = (builder,)
         load_kwargs = {"data_files": files, "split": "train"}
     else:
@@ -149,7 +150,7 @@ def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Docume
         load_kwargs = {"split": data.split}
     try:
         dataset = datasets.load_dataset(*load_args, streaming=data.streaming, **load_kwargs)
-    except Exception as error:
+    except dataset_errors() as error:
         raise LongctxError(f"cannot load training data {load_args[0]!r}: {str(error).splitlines()[0]}") from error
     columns = dataset.column_names or []
     if columns and data.text_field not in columns:
