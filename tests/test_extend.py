@@ -304,15 +304,14 @@ def test_allow_pickle_links_pickle_weights(tmp_path, capsys):
     assert (output / "pytorch_model.bin").is_file()
 
 
-@pytest.mark.parametrize("problem", ["missing file", "training unavailable"])
-def test_train_problems_are_caught_before_anything_is_written(tiny_llama, tmp_path, capsys, monkeypatch, problem):
+@pytest.mark.parametrize("problem", ["missing file", "invalid config"])
+def test_train_problems_are_caught_before_anything_is_written(tiny_llama, tmp_path, capsys, problem):
     config = tmp_path / "train.yaml"
     if problem == "missing file":
         message = "train.yaml not found"
     else:
-        monkeypatch.setitem(sys.modules, "longctx.train.api", None)  # importing it raises ImportError
-        config.write_text("steps: 1\n")
-        message = "training is unavailable"
+        config.write_text("stages: [{seq_len: 1k, steps: 1}]\n")
+        message = "stages[0].learning_rate is missing"
     output = tmp_path / "out"
     status, err = run_cli(["extend", "--model", str(tiny_llama), "--target-len", "1k", "--output", str(output),
                            "--train", str(config)], capsys)
@@ -329,7 +328,7 @@ def test_train_runs_after_extending(tiny_llama, tmp_path, capsys, monkeypatch):
         return tmp_path / "trained"
 
     monkeypatch.setitem(sys.modules, "longctx.train.api", types.SimpleNamespace(train_after_extend=train_after_extend))
-    (tmp_path / "train.yaml").write_text("steps: 1\n")
+    (tmp_path / "train.yaml").write_text("stages: [{seq_len: 1k, steps: 1, learning_rate: 1.0e-5}]\n")
     output = tmp_path / "out"
     assert main(["extend", "--model", str(tiny_llama), "--target-len", "1k", "--output", str(output),
                  "--train", str(tmp_path / "train.yaml")]) == 0

@@ -73,22 +73,17 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _training_entry_point(config_path: Path):
-    if not config_path.is_file():
-        raise LongctxError(f"training config {config_path} not found; give an existing YAML file to --train")
-    try:
-        from longctx.train.api import train_after_extend
-    except ImportError as error:
-        raise LongctxError(f"training is unavailable in this installation ({error}); run extend without --train") from error
-    return train_after_extend
-
-
 def run(args: argparse.Namespace) -> int:
     from longctx.models import check_output_free, resolve_model
     from longctx.models.extend import extend_model
     from longctx.rope.planner import OPTIONS, describe_rope
 
-    train_after_extend = _training_entry_point(Path(args.train)) if args.train else None
+    if args.train:  # a missing or bad training config fails before anything is written
+        if not Path(args.train).is_file():
+            raise LongctxError(f"training config {args.train} not found; give an existing YAML file to --train")
+        from longctx.train.config import load_config
+
+        load_config(args.train, model=str(args.output))
     start = time.perf_counter()
     check_output_free(args.output, args.overwrite)  # before a possible first-time model conversion
     model_dir = resolve_model(args.model)
@@ -113,9 +108,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  weights: {len(result.weight_files)} file(s), {format_bytes(result.weight_bytes)}, {how}")
     print(f"  carried: {', '.join(result.carried) or 'no tokenizer or generation files found'}")
     print(f"  record:  {result.output / 'longctx.json'}")
-    if train_after_extend is None:
+    if not args.train:
         print(f"next: longctx needle --model {result.output}   (or fine-tune: longctx train, see `longctx plan`)")
         return 0
+    from longctx.train.api import train_after_extend
+
     trained = train_after_extend(extended_dir=Path(args.output), config_path=Path(args.train), overwrite=args.overwrite)
     print(f"trained model: {trained}")
     return 0

@@ -442,8 +442,10 @@ def ring_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, back
     zigzag shard (see zigzag_shard); returns this rank's output [batch, seq_local, heads, head_dim].
     Differentiable in q, k, v. `group`: the ring (None: WORLD; without torch.distributed initialized,
     plain attention). `position_ids` (this rank's shard of the global positions, [batch or 1,
-    seq_local]) turn on packed-document masking where they restart at 0. Backends: "torch" (CPU
-    flash kernel on CPU, float32 math elsewhere), "torch-math" (always the math kernel),
+    seq_local]) turn on packed-document masking where they restart at 0. Backends: "torch" (PyTorch's
+    kernels as longctx.attention.blocks.choose_kernel picks them: the CPU flash kernel on CPU; on CUDA
+    the flash kernel for float16/bfloat16, the memory-efficient one otherwise, each once it has matched
+    the math kernel there; math elsewhere), "torch-math" (always the float32 math kernel),
     "ring-flash-attn" (CUDA, needs flash-attn; causal, no packed documents), "auto" (ring-flash-attn
     when it applies and imports, else torch).
     """
