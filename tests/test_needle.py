@@ -133,14 +133,14 @@ def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
     model, tokenizer = tiny
     task = Task("multivalue")
     builder = PromptBuilder(tokenizer, build_haystack(tokenizer, "essays", 1000), task.instruction, "raw")
-    prefix = PrefixCache(model, builder.clean_tokens, chunk_size=64)
+    prefix = PrefixCache(model, builder.clean_tokens, chunk_size=256)
     shared = []
     for depth in (40, 100, 0, 70):  # out of order: the prefix cache grows (40, then 100) and is cropped
         prompt = builder.build(task.sample(random.Random(depth)), 1000, depth)
         shared.append(prompt.shared_prefix)
         cache, position = prefix.start(prompt.ids, prompt.shared_prefix)
         assert position == prompt.shared_prefix
-        reused = prefill(model, cache, prompt.ids[position:], chunk_size=64, keep=20)
+        reused = prefill(model, cache, prompt.ids[position:], chunk_size=256, keep=20)
         with torch.no_grad():
             full = model(torch.tensor([prompt.ids])).logits[0, -20:]
         torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
