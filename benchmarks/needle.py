@@ -59,7 +59,7 @@ def run_part(part: str, model_ref: str, results: Path, lengths, depths, threads:
     import torch
 
     from longctx.eval import Evaluator
-    from longctx.eval.tasks import Task
+    from longctx.tasks.retrieval import Task
     from longctx.models import load_model_and_tokenizer
 
     def this_run(row):

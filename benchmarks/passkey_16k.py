@@ -50,9 +50,9 @@ def run_model(name: str, out_dir: Path, results: Path, depths=DEPTHS) -> None:
     import torch
 
     from longctx.eval import Evaluator
-    from longctx.eval.engine import rope_type
-    from longctx.eval.tasks import Task
     from longctx.models import load_model_and_tokenizer
+    from longctx.rope.config import rope_settings
+    from longctx.tasks.retrieval import Task
 
     done = {(r["model"], r["depth"]) for r in read_jsonl(results)}
     todo = [depth for depth in depths if (name, depth) not in done]
@@ -60,7 +60,7 @@ def run_model(name: str, out_dir: Path, results: Path, depths=DEPTHS) -> None:
         print(f"{name}: done already")
         return
     model, tokenizer = load_model_and_tokenizer(model_path(name, out_dir))
-    kind = rope_type(model.config)
+    kind = rope_settings(model.config.to_dict())["rope_parameters"]["rope_type"]
     evaluator = Evaluator(model, tokenizer, Task("passkey"), max_length=LENGTH, scoring="generate")
     for depth in todo:
         started = time.perf_counter()

@@ -57,8 +57,8 @@ def build_word_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from longctx.eval.haystacks import NOISE_SENTENCES
-    from longctx.eval.tasks import Task
+    from longctx.tasks.haystacks import NOISE_SENTENCES
+    from longctx.tasks.retrieval import Task
 
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),

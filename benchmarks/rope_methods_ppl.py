@@ -1,6 +1,6 @@
 """Benchmark: what each rope method does to the default model without training.
 
-Extends the model to --target-len with every method (`longctx.rope.extend.extend_model`),
+Extends the model to --target-len with every method (`longctx.models.extend.extend_model`),
 then measures perplexity of one forward pass over the first N tokens of a long English
 text (the GNU/Apache/GFDL/Artistic licenses concatenated, present on Debian/Ubuntu
 machines), for N = a short length inside the native window and a long one beyond it. The
@@ -45,7 +45,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longctx.models import resolve_model
-    from longctx.rope.extend import extend_model
+    from longctx.models.extend import extend_model
 
     torch.manual_seed(0)
     text = "".join((Path(args.text_dir) / name).read_text() for name in LICENSES)

@@ -11,17 +11,11 @@ from conftest import make_tiny_llama, make_tokenizer
 from longctx.errors import LongctxError
 from longctx.eval import Evaluator, passkey_accuracy
 from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, greedy_answer, prefill
-from longctx.eval.haystacks import build_haystack, encode, load_haystack_text
-from longctx.eval.prompts import PromptBuilder, assemble_prompt, detect_style, needle_depths
-from longctx.eval.tasks import (
-    TASKS,
-    Task,
-    first_integer_match,
-    keyword_recall,
-    score_answer,
-    score_is_settled,
-    string_match_all,
-)
+from longctx.eval.runner import sample_rng
+from longctx.eval.scoring import first_integer_match, keyword_recall, score_answer, score_is_settled, string_match_all
+from longctx.tasks.haystacks import build_haystack, encode, load_haystack_text
+from longctx.tasks.prompts import PromptBuilder, assemble_prompt, detect_style, needle_depths
+from longctx.tasks.retrieval import TASKS, Task
 
 
 @pytest.fixture(scope="module")
@@ -128,22 +122,31 @@ def test_dataset_haystack_reads_a_local_file(tmp_path):
     assert load_haystack_text(f"dataset:{tmp_path / 'rows.jsonl'}:train:body") == "First row.\n\nSecond row."
     with pytest.raises(LongctxError, match="no column"):
         load_haystack_text(f"dataset:{tmp_path / 'rows.jsonl'}:train:text")
+    (tmp_path / "broken.jsonl").write_text('{"body": "First row."}\n{"body": not json\n')
+    with pytest.raises(LongctxError, match="cannot load dataset"):
+        load_haystack_text(f"dataset:{tmp_path / 'broken.jsonl'}:train:body")
+    with pytest.raises(LongctxError, match="cannot load dataset"):  # not on disk, and no hub here
+        load_haystack_text("dataset:no-such-org/no-such-dataset")
 
 
 def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
     model, tokenizer = tiny
     task = Task("multivalue")
-    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, "essays", 600), task.instruction, "raw")
-    prefix = PrefixCache(model, builder.clean_tokens, chunk_size=64)
-    for depth in (100, 0, 40, 70):  # out of order: the prefix cache grows and is cropped
-        prompt = builder.build(task.sample(random.Random(depth)), 600, depth)
+    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, "essays", 1000), task.instruction, "raw")
+    prefix = PrefixCache(model, builder.clean_tokens, chunk_size=256)
+    shared = []
+    for depth in (40, 100, 0, 70):  # out of order: the prefix cache grows (40, then 100) and is cropped
+        prompt = builder.build(task.sample(random.Random(depth)), 1000, depth)
+        shared.append(prompt.shared_prefix)
         cache, position = prefix.start(prompt.ids, prompt.shared_prefix)
         assert position == prompt.shared_prefix
-        reused = prefill(model, cache, prompt.ids[position:], chunk_size=64, keep=20)
+        reused = prefill(model, cache, prompt.ids[position:], chunk_size=256, keep=20)
         with torch.no_grad():
             full = model(torch.tensor([prompt.ids])).logits[0, -20:]
         torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
-    assert prefix.length == max(prefix.length, 1) and prefix.tokens_processed == prefix.length
+    # grown on demand to the longest shared prefix, each clean token run through the model once
+    assert shared[2] < shared[0] < shared[3] < shared[1]  # every depth its own prefix
+    assert prefix.length == prefix.tokens_processed == max(shared) == shared[1]
 
 
 def test_prefill_carries_the_kept_positions_in_its_last_chunk(tiny):
@@ -224,6 +227,29 @@ def test_dynamic_rope_falls_back_to_full_prefill(tmp_path, caplog):
     assert evaluator.evaluate(400, 50).processed_tokens == 400
 
 
+def test_prefix_reuse_is_refused_when_any_layer_type_has_a_length_dependent_rope():
+    """The engine reads rope types through longctx.rope.config (no private parser, no broad except):
+    a Gemma-3-style config whose full-attention layers use dynamic NTK refuses reuse even though
+    its first layer type (sliding) is static; a model without RoPE reuses."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    from longctx.eval.engine import length_dependent_rope, prefix_reuse_supported
+
+    gemma = Gemma3TextConfig(rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0},
+    })
+    assert length_dependent_rope(gemma) == ["dynamic"] and not prefix_reuse_supported(gemma)
+    assert length_dependent_rope(LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2.0})) == ["dynamic"]
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [2.0],
+                "original_max_position_embeddings": 64}
+    assert length_dependent_rope({"rope_parameters": longrope, "max_position_embeddings": 256}) == ["longrope"]
+    for static in (LlamaConfig(), LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0}), Gemma3TextConfig(), GPT2Config()):
+        assert prefix_reuse_supported(static)
+    with pytest.raises(LongctxError, match="corrupt"):
+        prefix_reuse_supported({"rope_parameters": "dynamic"})
+
+
 def test_scoring_rules():
     assert first_integer_match(" 12345. Remember", "12345") == 1.0
     assert first_integer_match("is 123456", "12345") == 0.0
@@ -298,11 +324,62 @@ def test_multikey_asks_for_the_first_needle_among_distinct_keys():
     assert len(set(keys)) == 4 and keys[0] in sample.question and sample.expected[0] in sample.needles[0]
 
 
-def test_teacher_forced_scores_a_model_that_copies(tiny):
+class AnswerOracle:
+    """A forward hook that makes a model answer known prompts: at each position of prompt i it
+    predicts the next token of prompts[i] + continuations[i] (EOS after it), and EOS in any prompt
+    it does not know. The model still runs (its cache and chunking are the real ones); only the
+    logits it returns are replaced. It tells prompts apart by their tokens, as it sees them."""
+
+    def __init__(self, model, eos: int, prompts: list[list[int]], continuations: list[list[int]]):
+        self.eos, self.prompts = eos, prompts
+        self.sequences = [prompt + continuation for prompt, continuation in zip(prompts, continuations)]
+        self.current = None  # the prompt of the pass in progress (decode steps carry no prompt tokens)
+        self.handle = model.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs["input_ids"][0].tolist()
+        end = kwargs["past_key_values"].get_seq_length()
+        start = end - len(ids)
+        if start < max(len(prompt) for prompt in self.prompts):  # this chunk holds prompt tokens: whose?
+            self.current = next((i for i, prompt in enumerate(self.prompts)
+                                 if prompt[start:end] == ids[: len(prompt) - start]), None)
+        logits = torch.full_like(output.logits, -1e4)
+        for row, position in enumerate(range(end - logits.shape[1], end)):
+            sequence = self.sequences[self.current] if self.current is not None else []
+            logits[0, row, sequence[position + 1] if position + 1 < len(sequence) else self.eos] = 1e4
+        output.logits = logits
+        return output
+
+
+def oracle_answers(evaluator, cells, *, wrong_piece=None):
+    """The prompts of an evaluator's (length, depth, index) cells and their answers as pieces' tokens;
+    wrong_piece=k spoils the last token of answer piece k."""
+    prompts, answers = [], []
+    for length, depth, index in cells:
+        sample = evaluator.task.sample(sample_rng(evaluator.seed, length, depth, index))
+        prompts.append(evaluator.builder.build(sample, length, depth).ids)
+        pieces = [encode(evaluator.tokenizer, text) for text, _ in sample.answer_pieces]
+        if wrong_piece is not None:
+            pieces[wrong_piece][-1] = (pieces[wrong_piece][-1] + 1) % evaluator.model.config.vocab_size
+        answers.append([token for piece in pieces for token in piece])
+    return prompts, answers
+
+
+@pytest.mark.parametrize("scoring", ["teacher-forced", "generate"])
+@pytest.mark.parametrize("wrong_piece, score", [(None, 1.0), (2, 0.75), (1, 1.0)])
+def test_a_model_that_answers_scores_by_the_answer_parts_it_gets_right(tiny, scoring, wrong_piece, score):
+    """Four values, ' v1' ',' ' v2' ',' ...: an oracle right everywhere scores 1, one wrong value
+    0.75, and a wrong comma (piece 1, not scored) still 1; in both scorings, on the real engine."""
     model, tokenizer = tiny
-    evaluator = Evaluator(model, tokenizer, Task("single"), max_length=400, scoring="teacher-forced")
-    result = evaluator.evaluate(400, 30)
-    assert result.score in (0.0, 1.0) and len(result.answer) > 0 and result.expected
+    evaluator = Evaluator(model, tokenizer, Task("multivalue"), max_length=800, scoring=scoring)
+    prompts, answers = oracle_answers(evaluator, [(800, 30, 0)], wrong_piece=wrong_piece)
+    oracle = AnswerOracle(model, tokenizer.eos_token_id, prompts, answers)
+    try:
+        result = evaluator.evaluate(800, 30)
+    finally:
+        oracle.handle.remove()
+    assert result.score == score
+    assert result.answer == tokenizer.decode(answers[0]).strip()
 
 
 def test_memory_refusal_names_the_figure(tiny):
@@ -312,14 +389,23 @@ def test_memory_refusal_names_the_figure(tiny):
         check_memory(model, 10**9)
 
 
-def test_passkey_accuracy_contract(tiny):
+@pytest.mark.parametrize("scoring", ["generate", "teacher-forced"])
+def test_passkey_accuracy_is_the_mean_over_its_probes(tiny, scoring):
+    """Without depths, one probe at each of num_samples evenly spaced depths; with depths, num_samples
+    probes at each: an oracle that answers exactly one probe scores 1 / (number of probes)."""
     model, tokenizer = tiny
-    model.train()
-    score = passkey_accuracy(model, tokenizer, length=300, num_samples=3)
-    assert 0.0 <= score <= 1.0 and model.training  # the mode is restored
-    assert passkey_accuracy(model, tokenizer, length=300, num_samples=1, depths=[0, 100], scoring="teacher-forced") in (
-        0.0, 0.5, 1.0,
-    )
+    reference = Evaluator(model, tokenizer, Task("passkey"), max_length=300)
+    for known, options, probes in [
+        ((300, 100.0, 0), {"num_samples": 3}, 3),  # depths 0, 50, 100
+        ((300, 0.0, 1), {"num_samples": 2, "depths": [0, 100]}, 4),  # samples 0 and 1 at each depth
+    ]:
+        oracle = AnswerOracle(model, tokenizer.eos_token_id, *oracle_answers(reference, [known]))
+        model.train()
+        try:
+            score = passkey_accuracy(model, tokenizer, length=300, scoring=scoring, **options)
+        finally:
+            oracle.handle.remove()
+        assert score == pytest.approx(1 / probes) and model.training  # the mode is restored
 
 
 @pytest.mark.slow

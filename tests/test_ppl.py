@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 
 from longctx.cli import main
 from longctx.errors import LongctxError
-from longctx.eval.haystacks import encode, load_haystack_text
+from longctx.tasks.haystacks import encode, load_haystack_text
 from longctx.eval.perplexity import perplexity_by_length
 
 

@@ -13,6 +13,7 @@ from longctx.rope.config import (
     native_length,
     rope_frequencies,
     rope_settings,
+    rope_types,
     rotary_dim,
 )
 
@@ -163,3 +164,15 @@ def test_head_dim_needs_sizes():
 def test_rope_frequencies_rejects_unsupported_type():
     with pytest.raises(LongctxError, match="not supported"):
         rope_frequencies(v4(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}, max_position_embeddings=8))
+
+
+def test_rope_types_of_any_model_evaluation_may_load():
+    assert rope_types(v4(rope_theta=1e4, max_position_embeddings=8)) == {"default"}
+    assert rope_types(v4(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=8)) == {"dynamic"}
+    per_layer = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                 "full_attention": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}}
+    assert rope_types(v4(rope_parameters=per_layer, max_position_embeddings=8)) == {"default", "dynamic"}
+    assert per_layer["full_attention"]["rope_type"] == "dynamic"  # the config is read, not changed
+    assert rope_types({"model_type": "gpt2", "n_positions": 1024}) == set()  # no RoPE at all
+    with pytest.raises(LongctxError, match="corrupt"):
+        rope_types(v4(rope_parameters="yarn"))

@@ -13,6 +13,10 @@ import torch
 
 from longctx.rope.config import apply_rope_settings
 from longctx.rope.methods import (
+    LENGTH_DEPENDENT_TYPES,
+    ROPE_METHODS,
+    ROPE_TYPES,
+    TYPES_WITH_ORIGINAL_LENGTH,
     compute_rope,
     default_rope,
     dynamic_ntk_rope,
@@ -26,7 +30,7 @@ from longctx.rope.methods import (
     yarn_correction_range,
     yarn_rope,
 )
-from longctx.rope.planner import rope_for_length
+from longctx.rope.planner import METHODS, rope_for_length
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 BASES = (1e4, 1e5, 5e5, 1e6)
@@ -85,10 +89,6 @@ def written_config(config, target, method, **overrides):
     return apply_rope_settings(config, settings["rope_parameters"], settings["max_position_embeddings"])
 
 
-def test_grid_spans_the_claimed_spread():
-    assert len(GRID) == 240
-
-
 @pytest.mark.parametrize("method", ["linear", "ntk", "scaling-law", "yarn", "llama3"])
 def test_static_methods_match_transformers(method):
     for head_dim, base, factor, original in GRID:
@@ -104,7 +104,12 @@ def test_static_methods_match_transformers(method):
             ours = yarn_rope(head_dim, base, factor, original)
         else:
             ours = llama3_rope(head_dim, base, factor, original)
-        assert_same(ours, transformers_rope(written_config(config, target, method)))
+        written = written_config(config, target, method)
+        theirs = transformers_rope(written)
+        assert_same(ours, theirs)
+        # the table's entry for the written type reads the same numbers off the config
+        params = written["rope_parameters"]
+        assert_same(compute_rope(params, rotary_dim=head_dim, max_position_embeddings=written["max_position_embeddings"]), theirs)
 
 
 def test_dynamic_matches_transformers_as_sequences_grow_and_reset():
@@ -142,6 +147,8 @@ def test_yarn_options_match_transformers(options):
         config = written_config(base_config(head_dim, base, original), int(original * factor), "yarn", **options)
         ours = yarn_rope(head_dim, base, factor, original, **options)
         assert_same(ours, transformers_rope(config))
+        table = compute_rope(config["rope_parameters"], rotary_dim=head_dim, max_position_embeddings=config["max_position_embeddings"])
+        assert_same(table, transformers_rope(config))
 
 
 @pytest.mark.parametrize("low, high", [(1.0, 4.0), (2.0, 8.0), (0.5, 2.0)])
@@ -253,5 +260,57 @@ def test_dynamic_is_unscaled_up_to_the_original_length_and_ntk_beyond():
 
 
 def test_compute_rope_rejects_unknown_type():
-    with pytest.raises(ValueError, match="not supported"):
-        compute_rope({"rope_type": "axial", "rope_theta": 1e4}, rotary_dim=64, max_position_embeddings=128)
+    for rope_type in ("axial", "ntk", "scaling-law"):  # planner methods are not rope types: they write "default"
+        with pytest.raises(ValueError, match="not supported"):
+            compute_rope({"rope_type": rope_type, "rope_theta": 1e4}, rotary_dim=64, max_position_embeddings=128)
+
+
+# The table's flags, each checked against what the method writes or what transformers does
+
+
+def test_rope_types_are_the_ones_transformers_knows():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPE_TYPES) - {"default"} <= set(ROPE_INIT_FUNCTIONS)
+    assert {ROPE_METHODS[name].rope_type for name in METHODS} <= set(ROPE_TYPES)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_entry_writes_its_rope_type_and_length_convention(method):
+    entry = ROPE_METHODS[method]
+    config = base_config(64, 1e4, 4096)
+    settings = rope_for_length(config, 16384, method)
+    params = settings["rope_parameters"]
+    assert params["rope_type"] == entry.rope_type
+    assert ("original_max_position_embeddings" in params) == entry.keeps_original_length
+    assert (settings["max_position_embeddings"] == 4096) == entry.max_position_is_native
+
+
+def longrope_config(head_dim=64, original=4096, target=16384):
+    generator = torch.Generator().manual_seed(0)
+    params = {
+        "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": original,
+        "short_factor": (1 + torch.rand(head_dim // 2, generator=generator) * 0.1).tolist(),
+        "long_factor": (1 + torch.rand(head_dim // 2, generator=generator) * 40).tolist(),
+    }
+    return apply_rope_settings(base_config(head_dim, 1e4, original), params, target)
+
+
+@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+def test_length_dependent_types_are_those_transformers_recomputes_for_long_sequences(rope_type):
+    """A type is length-dependent when transformers' rotary embedding changes its frequencies
+    once a sequence runs past the original length (what makes a reused KV cache wrong)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    if rope_type == "longrope":
+        config = longrope_config()
+    elif rope_type == "default":
+        config = base_config(64, 1e4, 4096)
+    else:
+        config = written_config(base_config(64, 1e4, 4096), 16384, rope_type)
+    rotary = LlamaRotaryEmbedding(LlamaConfig(**config))
+    before = rotary.inv_freq.clone()
+    rotary(torch.zeros(1), torch.tensor([[16383]]))
+    assert (not torch.equal(rotary.inv_freq, before)) == (rope_type in LENGTH_DEPENDENT_TYPES)
+    assert (rope_type in TYPES_WITH_ORIGINAL_LENGTH) == ("original_max_position_embeddings" in config.get("rope_parameters", {}))

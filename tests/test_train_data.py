@@ -7,9 +7,10 @@ import pytest
 from conftest import make_tokenizer
 
 from longctx.errors import LongctxError
+from longctx.labels import IGNORE_INDEX
 from longctx.train.config import DataConfig
 from longctx.train.data import (
-    IGNORE_INDEX, BatchStream, Document, pack_documents, packed_rows, passkey_documents, row_lengths,
+    BatchStream, Document, pack_documents, packed_rows, passkey_documents, row_lengths,
 )
 
 
@@ -147,6 +148,10 @@ def test_missing_column_and_files_are_clear_errors(tmp_path):
         next(packed_rows(DataConfig(source="files", paths=[str(path)]), tokenizer, 16, seed=0))
     with pytest.raises(LongctxError, match="matches no file"):
         next(packed_rows(DataConfig(source="files", paths=[str(tmp_path / "*.parquet")]), tokenizer, 16, seed=0))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": not json\n')
+    with pytest.raises(LongctxError, match="cannot load training data"):  # one line, not datasets' traceback
+        next(packed_rows(DataConfig(source="files", paths=[str(broken)]), tokenizer, 16, seed=0))
 
 
 def test_batch_stream_resumes_by_position_and_deals_rows_to_data_parallel_ranks():

@@ -144,12 +144,27 @@ def test_rng_states_round_trip_through_json():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
-def test_bfloat16_precision_autocasts_and_saves_in_the_source_dtype(tmp_path, corpus):
+def test_bfloat16_precision_autocasts_and_saves_in_the_source_dtype(tmp_path, corpus, monkeypatch):
+    """The projections compute in bfloat16 while their (master) weights stay float32, and the
+    trained model is written back in the source's bfloat16."""
     from transformers import AutoModelForCausalLM
 
+    from longctx.train import loop
+
+    computed = []  # (weight dtype, output dtype) of a projection in each training forward
+    load_model = loop.load_model
+
+    def load_and_watch(*args):
+        model, tokenizer = load_model(*args)
+        projection = model.model.layers[0].self_attn.q_proj
+        projection.register_forward_hook(lambda module, inputs, output: computed.append((module.weight.dtype, output.dtype)))
+        return model, tokenizer
+
+    monkeypatch.setattr(loop, "load_model", load_and_watch)
     model_dir = make_tiny_llama(tmp_path / "tiny-bf16", dtype=torch.bfloat16)
     config = write_config(tmp_path, model_dir, corpus, precision="bfloat16", stages=STAGES[:1])
     output = train_from_config(config, progress=False)
+    assert len(computed) == STAGES[0]["steps"] and set(computed) == {(torch.float32, torch.bfloat16)}
     trained = AutoModelForCausalLM.from_pretrained(output, dtype="auto")
     assert trained.dtype == torch.bfloat16 and trained.config.dtype == torch.bfloat16
     assert all(m["loss"] == m["loss"] for m in read_metrics(output / "train_log.jsonl") if "loss" in m)

@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 from longctx.models.reference import DEFAULT_MODEL
-
-_TOKEN_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
-
-
-def parse_token_count(text: str) -> int:
-    """'1048576', '1M', '1m', '128k', '128K' -> a token count (k = 1024, M = 1024**2)."""
-    match = _TOKEN_COUNT.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a length; write e.g. 32768, 32k or 1M")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    value = number * {"": 1, "k": 1024, "m": 1024**2}[unit]
-    if value != int(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a positive whole number of tokens")
-    return int(value)
+from longctx.units import parse_token_count
 
 
 def token_count(text: str) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from longctx.commands._args import add_output_arguments, formatter
 from longctx.commands.plan import add_model_target_method_arguments
 from longctx.errors import LongctxError
+from longctx.units import format_bytes
 
 DESCRIPTION = """\
 Write a copy of a model whose config extends its context to --target-len tokens: the new
@@ -72,33 +73,17 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-METHOD_OPTIONS = ("factor", "rope_theta", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
-                  "truncate", "low_freq_factor", "high_freq_factor")
-
-
-def _size(count: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
-
-
-def _training_entry_point(config_path: Path):
-    if not config_path.is_file():
-        raise LongctxError(f"training config {config_path} not found; give an existing YAML file to --train")
-    try:
-        from longctx.train.api import train_after_extend
-    except ImportError as error:
-        raise LongctxError(f"training is unavailable in this installation ({error}); run extend without --train") from error
-    return train_after_extend
-
-
 def run(args: argparse.Namespace) -> int:
     from longctx.models import check_output_free, resolve_model
-    from longctx.rope.extend import extend_model
-    from longctx.rope.planner import describe_rope
+    from longctx.models.extend import extend_model
+    from longctx.rope.planner import OPTIONS, describe_rope
 
-    train_after_extend = _training_entry_point(Path(args.train)) if args.train else None
+    if args.train:  # a missing or bad training config fails before anything is written
+        if not Path(args.train).is_file():
+            raise LongctxError(f"training config {args.train} not found; give an existing YAML file to --train")
+        from longctx.train.config import load_config
+
+        load_config(args.train, model=str(args.output))
     start = time.perf_counter()
     check_output_free(args.output, args.overwrite)  # before a possible first-time model conversion
     model_dir = resolve_model(args.model)
@@ -111,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         force=args.force,
         allow_pickle=args.allow_pickle,
-        **{name: getattr(args, name) for name in METHOD_OPTIONS},
+        **{name: getattr(args, name) for name in OPTIONS},
     )
     elapsed = time.perf_counter() - start
     how = "hard-linked" if not result.copied else ("copied" if not result.linked else f"{result.linked} linked, {result.copied} copied")
@@ -120,12 +105,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"  method:  {args.method}: {describe_rope(result.settings)}")
     print(f"  config:  rope_parameters {json.dumps(result.settings['rope_parameters'])}, "
           f"max_position_embeddings {result.settings['max_position_embeddings']}")
-    print(f"  weights: {len(result.weight_files)} file(s), {_size(result.weight_bytes)}, {how}")
+    print(f"  weights: {len(result.weight_files)} file(s), {format_bytes(result.weight_bytes)}, {how}")
     print(f"  carried: {', '.join(result.carried) or 'no tokenizer or generation files found'}")
     print(f"  record:  {result.output / 'longctx.json'}")
-    if train_after_extend is None:
+    if not args.train:
         print(f"next: longctx needle --model {result.output}   (or fine-tune: longctx train, see `longctx plan`)")
         return 0
+    from longctx.train.api import train_after_extend
+
     trained = train_after_extend(extended_dir=Path(args.output), config_path=Path(args.train), overwrite=args.overwrite)
     print(f"trained model: {trained}")
     return 0

@@ -6,9 +6,13 @@ import argparse
 import json
 
 from longctx.commands._args import add_model_argument, formatter, token_count
+from longctx.rope.methods import ROPE_METHODS
+from longctx.rope.planner import DEFAULT_METHOD, METHODS
+from longctx.units import format_token_total
 
-METHODS = ("linear", "ntk", "scaling-law", "dynamic", "yarn", "llama3")  # = longctx.rope.planner.METHODS
-DEFAULT_METHOD = "ntk"  # = longctx.rope.planner.DEFAULT_METHOD (kept here so --help imports no torch)
+METHOD_LINES = "\n".join(
+    f"  {name:<12} {ROPE_METHODS[name].summary}" + (" (default)" if name == DEFAULT_METHOD else "") for name in METHODS
+)
 
 DESCRIPTION = """\
 Show the rope parameters that extend a model to --target-len tokens, and a progressive
@@ -16,12 +20,7 @@ fine-tuning schedule that reaches it (stage lengths, rope parameters per stage, 
 steps and tokens). Only the model's config.json is read: no weights are needed.
 
 Methods:
-  linear       position interpolation: every frequency divided by the factor
-  ntk          NTK-aware base: theta * s^(d/(d-2)); config stays rope_type default (default)
-  scaling-law  theta(T) = theta^(ln(T/2pi)/ln(T0/2pi)) (Gradient's Llama-3 1M values)
-  dynamic      NTK base that grows with the sequence length at inference time
-  yarn         NTK-by-parts interpolation plus attention temperature
-  llama3       Llama 3.1 piecewise: low frequencies divided, high kept, smooth between
+""" + METHOD_LINES + """
 
 The default is ntk: the config stays a plain rope_theta that every runtime and merge path
 reads, a KV cache stays valid at every length (unlike dynamic), short prompts keep working
@@ -72,13 +71,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _tokens(count: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
-
-
 def format_plan(result, model: str) -> str:
     from longctx.rope.planner import describe_rope
 
@@ -97,11 +89,11 @@ def format_plan(result, model: str) -> str:
     rows = [("stage", "seq_len", "rope", "steps", "tokens/step", "tokens")]
     for number, stage in enumerate(result.stages, 1):
         rows.append((str(number), str(stage.seq_len), describe_rope(stage.rope), str(stage.steps),
-                     str(stage.tokens_per_step), _tokens(stage.tokens)))
+                     str(stage.tokens_per_step), format_token_total(stage.tokens)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines += [
-        f"  total: {result.total_steps} steps, {_tokens(result.total_tokens)} tokens",
+        f"  total: {result.total_steps} steps, {format_token_total(result.total_tokens)} tokens",
         "",
         f"apply without training: longctx extend --model {model} --target-len {result.target_len} "
         f"--method {result.method} --output DIR",

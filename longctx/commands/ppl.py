@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from longctx.errors import LongctxError
     from longctx.eval.engine import check_memory
-    from longctx.eval.haystacks import encode, load_haystack_text
+    from longctx.tasks.haystacks import encode, load_haystack_text
     from longctx.eval.perplexity import format_ppl_table, perplexity_by_length, plot_ppl
     from longctx.models import atomic_output_dir, check_output_free, load_model_and_tokenizer, resolve_model
 

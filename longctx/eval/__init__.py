@@ -1,4 +1,15 @@
-"""Evaluation: needle-in-a-haystack grids (haystacks, tasks, prompts, scoring, heatmap) and perplexity by length."""
+"""Evaluation: needle-in-a-haystack grids and perplexity by length, on a loaded model.
+
+- `engine.py`: the model-side work: chunked prefill, the reused haystack KV prefix, greedy answers
+  (the expected answer verified as a draft), teacher forcing, the memory check;
+- `attention.py`: `longctx_cached`, attention on top of a KV cache without a mask (CPU sdpa models);
+- `runner.py`: one (length, depth, sample) cell scored (`Evaluator`), and `passkey_accuracy`;
+- `scoring.py`: the answer-scoring rules; `grid.py`: a resumable lengths x depths run and its files;
+- `heatmap.py`: the depth x length figure; `perplexity.py`: perplexity by context length.
+The prompts, haystacks and tasks it evaluates live in longctx/tasks/ (training builds the same ones).
+
+Imports: tasks, attention, rope, models, units, errors; never train/ or lora/.
+"""
 
 from longctx.eval.runner import Evaluator, passkey_accuracy
 

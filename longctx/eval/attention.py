@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from longctx.parallel.blocks import block_forward, choose_kernel, merge_into
+from longctx.attention.blocks import block_forward, choose_kernel, merge_into
 
 ATTENTION_NAME = "longctx_cached"
 REPLACES = "sdpa"

@@ -30,30 +30,24 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.attention import cached_attention
+from longctx.rope.config import rope_types
+from longctx.rope.methods import LENGTH_DEPENDENT_TYPES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 2048
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # rotation depends on the sequence length
 
 
-def rope_type(config) -> str:
-    """The model's rope type ('default', 'linear', 'dynamic', 'yarn', ...), v5 or v4 config."""
+def length_dependent_rope(config) -> list[str]:
+    """The model's rope types whose rotation depends on the sequence length (dynamic, longrope),
+    for a transformers config or a config.json dict; empty when a KV cache built at one length
+    is exact at every other."""
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    try:
-        from longctx.rope.config import rope_settings
-
-        return str(rope_settings(config_dict).rope_type)
-    except Exception:  # the rope package is optional here: read the config directly
-        pass
-    parameters = config_dict.get("rope_parameters") or config_dict.get("rope_scaling") or {}
-    if isinstance(parameters, dict) and all(isinstance(v, dict) for v in parameters.values()) and parameters:
-        parameters = next(iter(parameters.values()))  # per-layer-type parameters
-    return str(parameters.get("rope_type") or parameters.get("type") or "default")
+    return sorted(rope_types(config_dict) & set(LENGTH_DEPENDENT_TYPES))
 
 
 def prefix_reuse_supported(config) -> bool:
-    return rope_type(config) not in LENGTH_DEPENDENT_ROPE
+    return not length_dependent_rope(config)
 
 
 @contextlib.contextmanager

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from longctx.errors import LongctxError
 from longctx.eval.engine import DEFAULT_CHUNK, check_memory
-from longctx.eval.heatmap import length_label, plot_heatmap
-from longctx.eval.tasks import Task
+from longctx.eval.heatmap import plot_heatmap
+from longctx.tasks.retrieval import Task
+from longctx.units import length_label
 
 log = logging.getLogger(__name__)
 

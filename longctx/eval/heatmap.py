@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longctx.units import length_label
+
 # gkamradt's LLMTest_NeedleInAHaystack colours (also EasyContext's)
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
-
-
-def length_label(length: int) -> str:
-    if length % 1024 == 0:
-        return f"{length // 1024}K"
-    return f"{length / 1000:.1f}k" if length >= 1000 else str(length)
 
 
 def plot_heatmap(

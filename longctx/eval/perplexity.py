@@ -16,6 +16,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.engine import evaluation_mode, new_cache, prefix_reuse_supported
+from longctx.units import length_label
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def perplexity_by_length(model, ids: list[int], lengths: list[int], *, chunk_siz
 
 def format_ppl_table(results: dict[str, dict[int, float]], lengths: list[int]) -> str:
     """Lengths as rows, models as columns."""
-    from longctx.eval.heatmap import length_label
-
     names = list(results)
     widths = [max(10, len(name)) for name in names]
     header = "length | " + " | ".join(name.rjust(w) for name, w in zip(names, widths))
@@ -86,8 +85,6 @@ def plot_ppl(results: dict[str, dict[int, float]], path, *, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from longctx.eval.heatmap import length_label
 
     figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=100)
     for name, by_length in results.items():

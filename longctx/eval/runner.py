@@ -19,13 +19,14 @@ from longctx.eval.engine import (
     PrefixCache,
     evaluation_mode,
     greedy_answer,
+    length_dependent_rope,
     prefix_reuse_supported,
-    rope_type,
     teacher_forced_answer,
 )
-from longctx.eval.haystacks import build_haystack, encode
-from longctx.eval.prompts import PromptBuilder, detect_style
-from longctx.eval.tasks import Task, score_answer, score_is_settled
+from longctx.eval.scoring import score_answer, score_is_settled
+from longctx.tasks.haystacks import build_haystack, encode
+from longctx.tasks.prompts import PromptBuilder, detect_style
+from longctx.tasks.retrieval import Task
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Evaluator:
         if prefix_reuse and not self.prefix_reuse:
             log.warning(
                 "rope type %s changes the rotation with the sequence length, so a haystack KV cache cannot be "
-                "reused exactly: prefilling every prompt from scratch", rope_type(model.config),
+                "reused exactly: prefilling every prompt from scratch", ", ".join(length_dependent_rope(model.config)),
             )
         built = build_haystack(tokenizer, haystack, max_length, text=haystack_text)
         self.builder = PromptBuilder(tokenizer, built, task.instruction, self.style)

@@ -1,8 +1,14 @@
 """Sequence parallelism: zigzag sharding and ring attention, registered with transformers as `longctx_ring`.
 
+- `zigzag.py`: the zigzag layout and the batch helpers (padding, label shifting, sharding a batch);
+- `ring.py`: ring attention over a process group (the block math is longctx/attention/'s);
+- `loss.py`: the loss of a sharded sequence; `transformers_attention.py`: the registration.
+
 Importing this package registers the attention implementation, so a stock model runs
 sequence-parallel with `attn_implementation="longctx_ring"` given zigzag-sharded input_ids and the
 matching global position_ids (see docs/parallel.md).
+
+Imports: attention, labels, errors; never models/ (same level) or anything above.
 """
 
 from longctx.parallel.loss import sequence_parallel_loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longctx.parallel.zigzag import IGNORE_INDEX
+from longctx.labels import IGNORE_INDEX
 
 
 def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, group=None) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.errors import LongctxError
-from longctx.parallel.blocks import NEG_INF, block_backward, block_forward, choose_kernel, merge_into
+from longctx.attention.blocks import NEG_INF, block_backward, block_forward, choose_kernel, merge_into
 from longctx.parallel.zigzag import zigzag_global_indices
 
 BACKENDS = ("auto", "torch", "torch-math", "ring-flash-attn")
@@ -140,7 +140,7 @@ class _RingConfig:
     world_size: int
     scale: float
     causal: bool
-    kernel: str  # "cpu-flash", "cuda-flash", "cuda-efficient" or "math" (see blocks.py)
+    kernel: str  # "cpu-flash", "cuda-flash", "cuda-efficient" or "math" (see longctx/attention/blocks.py)
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ def flash_attn_available() -> bool:
         return False
     try:
         import flash_attn  # noqa: F401
-    except Exception:
+    except (ImportError, OSError):  # installed but built against another torch or CUDA, or a library missing
         return False
     return True
 
@@ -442,8 +442,10 @@ def ring_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, back
     zigzag shard (see zigzag_shard); returns this rank's output [batch, seq_local, heads, head_dim].
     Differentiable in q, k, v. `group`: the ring (None: WORLD; without torch.distributed initialized,
     plain attention). `position_ids` (this rank's shard of the global positions, [batch or 1,
-    seq_local]) turn on packed-document masking where they restart at 0. Backends: "torch" (CPU
-    flash kernel on CPU, float32 math elsewhere), "torch-math" (always the math kernel),
+    seq_local]) turn on packed-document masking where they restart at 0. Backends: "torch" (PyTorch's
+    kernels as longctx.attention.blocks.choose_kernel picks them: the CPU flash kernel on CPU; on CUDA
+    the flash kernel for float16/bfloat16, the memory-efficient one otherwise, each once it has matched
+    the math kernel there; math elsewhere), "torch-math" (always the float32 math kernel),
     "ring-flash-attn" (CUDA, needs flash-attn; causal, no packed documents), "auto" (ring-flash-attn
     when it applies and imports, else torch).
     """

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from longctx.errors import LongctxError
-
-IGNORE_INDEX = -100
+from longctx.labels import IGNORE_INDEX
 
 
 def _check_divisible(length: int, world_size: int, what: str) -> None:

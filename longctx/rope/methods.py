@@ -1,32 +1,56 @@
-"""RoPE scaling methods: one pure function per method, each returning (inv_freq, attention_factor).
+"""RoPE scaling methods: pure functions returning (inv_freq, attention_factor), and ROPE_METHODS,
+the one table keyed by method name (as transformers' ROPE_INIT_FUNCTIONS). Each entry gives
+- `rope_type`: the transformers type its configs carry (ntk and scaling-law only change the base,
+  so they write rope_type "default" with a new rope_theta; `ntk_base` and `scaling_law_base` give it);
+- `frequencies(params, rotary_dim, max_position_embeddings, seq_len)`: (inv_freq, attention_factor)
+  of v5 rope_parameters of that type;
+- `options` and `parameters(extension)`: the overrides the planner takes and the rope_parameters it
+  writes to extend a model (none for the types longctx reads but does not write: default, longrope);
+- the config conventions: whether rope_parameters keep the pre-training length, whether transformers
+  reads max_position_embeddings as that length (dynamic), and whether the rotation depends on the
+  sequence length (dynamic, longrope: a KV cache built at one length is wrong at another).
+Adding a method is one entry: config.py, the planner, `extend`'s options, `plan --help` and the
+evaluation engine read what is method-specific from the table.
 
-`inv_freq` holds one inverse frequency per rotated pair of channels (rotary_dim / 2 of
-them); the angle of position p in pair i is p * inv_freq[i]. `attention_factor` multiplies
-cos and sin (so the attention logits by its square); 1.0 for every method but YaRN and LongRoPE.
+`inv_freq` holds one inverse frequency per rotated pair of channels (rotary_dim / 2 of them); the
+angle of position p in pair i is p * inv_freq[i]. `attention_factor` multiplies cos and sin (so the
+attention logits by its square); 1.0 for every method but YaRN and LongRoPE.
 
-The arithmetic follows transformers' modeling_rope_utils step for step, in float32, so
-the numbers agree with what a transformers model builds from the config we write (the
-parity tests check this for every method). Methods that only change the base
-(NTK-aware, scaling-law) are written to configs as rope_type "default" with a new
-rope_theta; `ntk_base` and `scaling_law_base` give that theta.
+The frequency functions are our own code, not a call into transformers (their arithmetic follows
+the papers in the order transformers' modeling_rope_utils uses, in float32, so the rounding agrees):
+they are the independent reference that tests/test_rope_methods.py holds transformers to. For every
+method, the rotary embedding transformers builds from the config we write must give these numbers
+to 1e-6. The planner uses their closed forms (ntk_base, scaling_law_base); a loaded model computes
+its frequencies with transformers' own code, from the config.
+
+torch is imported inside the functions that build tensors, so that reading the table (the CLI's
+--help, the planner) does not import it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from longctx.errors import LongctxError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_BETA_FAST = 32.0
 DEFAULT_BETA_SLOW = 1.0
 DEFAULT_LOW_FREQ_FACTOR = 1.0
 DEFAULT_HIGH_FREQ_FACTOR = 4.0
 
-RopeResult = tuple[torch.Tensor, float]
+RopeResult = tuple["torch.Tensor", float]
 
 
 def _exponents(dim: int) -> torch.Tensor:
     """2i / d for i = 0 .. d/2 - 1, as transformers computes it."""
+    import torch
+
     return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
 
 
@@ -123,6 +147,8 @@ def yarn_rope(
     truncate: bool = True,
 ) -> RopeResult:
     """YaRN ("NTK-by-parts" interpolation plus attention temperature)."""
+    import torch
+
     if attention_factor is None:
         attention_factor = yarn_attention_factor(factor, mscale, mscale_all_dim)
     low, high = yarn_correction_range(
@@ -150,6 +176,8 @@ def llama3_rope(
 ) -> RopeResult:
     """Llama 3.1: wavelengths above original_len / low_freq_factor are divided by the factor,
     below original_len / high_freq_factor kept, and smoothly blended in between."""
+    import torch
+
     inv_freq = default_inv_freq(dim, base)
     low_freq_wavelen = original_len / low_freq_factor
     high_freq_wavelen = original_len / high_freq_factor
@@ -177,6 +205,8 @@ def longrope_rope(
     seq_len: int | None = None,
 ) -> RopeResult:
     """LongRoPE (Phi-3): per-pair rescale factors, the long set beyond original_len."""
+    import torch
+
     if attention_factor is None:
         attention_factor = longrope_attention_factor(factor, original_len)
     factors = long_factor if seq_len and seq_len > original_len else short_factor
@@ -186,6 +216,184 @@ def longrope_rope(
     return inv_freq, attention_factor
 
 
+# --- the table ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What a method's `parameters` function gets: the model's pre-training settings, the target,
+    and the user's overrides (only those given, already checked against the method's options)."""
+
+    base: float  # the model's pre-training rope_theta
+    native: int  # its pre-training context length
+    length: int  # the target length
+    factor: float  # the scale: length / native unless given
+    rotary_dim: int
+    given: dict = field(default_factory=dict)
+
+    @property
+    def theta(self) -> float:
+        """The theta a scaling method scales: the model's own, or the one given (--rope-theta)."""
+        return self.given.get("rope_theta", self.base)
+
+
+def _default_frequencies(params: dict, rotary_dim: int, max_position_embeddings: int, seq_len: int | None) -> RopeResult:
+    return default_rope(rotary_dim, params["rope_theta"])
+
+
+def _linear_frequencies(params: dict, rotary_dim: int, max_position_embeddings: int, seq_len: int | None) -> RopeResult:
+    return linear_rope(rotary_dim, params["rope_theta"], params["factor"])
+
+
+def _dynamic_frequencies(params: dict, rotary_dim: int, max_position_embeddings: int, seq_len: int | None) -> RopeResult:
+    # transformers' dynamic type treats max_position_embeddings as the original length
+    return dynamic_ntk_rope(rotary_dim, params["rope_theta"], params["factor"], max_position_embeddings, seq_len)
+
+
+def _yarn_frequencies(params: dict, rotary_dim: int, max_position_embeddings: int, seq_len: int | None) -> RopeResult:
+    original = params["original_max_position_embeddings"]
+    return yarn_rope(
+        rotary_dim,
+        params["rope_theta"],
+        params.get("factor") or max_position_embeddings / original,
+        original,
+        beta_fast=params.get("beta_fast"),
+        beta_slow=params.get("beta_slow"),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=params.get("truncate", True),
+    )
+
+
+def _llama3_frequencies(params: dict, rotary_dim: int, max_position_embeddings: int, seq_len: int | None) -> RopeResult:
+    return llama3_rope(
+        rotary_dim,
+        params["rope_theta"],
+        params["factor"],
+        params["original_max_position_embeddings"],
+        low_freq_factor=params["low_freq_factor"],
+        high_freq_factor=params["high_freq_factor"],
+    )
+
+
+def _longrope_frequencies(params: dict, rotary_dim: int, max_position_embeddings: int, seq_len: int | None) -> RopeResult:
+    original = params["original_max_position_embeddings"]
+    return longrope_rope(
+        rotary_dim,
+        params["rope_theta"],
+        params["short_factor"],
+        params["long_factor"],
+        original,
+        factor=params.get("factor") or max_position_embeddings / original,
+        attention_factor=params.get("attention_factor"),
+        seq_len=seq_len,
+    )
+
+
+def _linear_parameters(extension: Extension) -> dict:
+    return {"rope_type": "linear", "rope_theta": extension.theta, "factor": extension.factor}
+
+
+def _ntk_parameters(extension: Extension) -> dict:
+    given = extension.given
+    if "factor" in given and "rope_theta" in given:
+        raise LongctxError("--factor and --rope-theta both set the ntk theta; give one of them")
+    theta = given.get("rope_theta", ntk_base(extension.base, extension.factor, extension.rotary_dim))
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def _scaling_law_parameters(extension: Extension) -> dict:
+    # whole numbers, as Gradient published them (283461213, 3580165449)
+    theta = extension.given.get("rope_theta", round(scaling_law_base(extension.base, extension.length, extension.native)))
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def _dynamic_parameters(extension: Extension) -> dict:
+    return {"rope_type": "dynamic", "rope_theta": extension.theta, "factor": extension.factor}
+
+
+YARN_OPTIONS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
+def _yarn_parameters(extension: Extension) -> dict:
+    params = {
+        "rope_type": "yarn",
+        "rope_theta": extension.theta,
+        "factor": extension.factor,
+        "original_max_position_embeddings": extension.native,
+    }
+    params.update({key: extension.given[key] for key in YARN_OPTIONS if key in extension.given})
+    return params
+
+
+def _llama3_parameters(extension: Extension) -> dict:
+    low = float(extension.given.get("low_freq_factor", DEFAULT_LOW_FREQ_FACTOR))
+    high = float(extension.given.get("high_freq_factor", DEFAULT_HIGH_FREQ_FACTOR))
+    if high <= low:
+        raise LongctxError(f"--high-freq-factor ({high:g}) must be greater than --low-freq-factor ({low:g})")
+    return {
+        "rope_type": "llama3",
+        "rope_theta": extension.theta,
+        "factor": extension.factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": extension.native,
+    }
+
+
+@dataclass(frozen=True)
+class RopeMethod:
+    """One entry of ROPE_METHODS (see the module docstring)."""
+
+    rope_type: str  # the rope_type of the configs it writes
+    frequencies: Callable[[dict, int, int, int | None], RopeResult]  # (params, rotary_dim, max_position_embeddings, seq_len)
+    summary: str  # one line for `longctx plan --help`
+    options: tuple[str, ...] = ()  # overrides the planner takes (besides the target length)
+    parameters: Callable[[Extension], dict] | None = None  # rope_parameters extending a model; None: read only
+    keeps_original_length: bool = False  # rope_parameters hold original_max_position_embeddings
+    max_position_is_native: bool = False  # transformers reads max_position_embeddings as the pre-training length
+    length_dependent: bool = False  # the rotation depends on the sequence length
+
+
+ROPE_METHODS: dict[str, RopeMethod] = {
+    "default": RopeMethod("default", _default_frequencies, "unscaled RoPE"),
+    "linear": RopeMethod(
+        "linear", _linear_frequencies, "position interpolation: every frequency divided by the factor",
+        ("factor", "rope_theta"), _linear_parameters,
+    ),
+    "ntk": RopeMethod(
+        "default", _default_frequencies, "NTK-aware base: theta * s^(d/(d-2)); config stays rope_type default",
+        ("factor", "rope_theta"), _ntk_parameters,
+    ),
+    "scaling-law": RopeMethod(
+        "default", _default_frequencies, "theta(T) = theta^(ln(T/2pi)/ln(T0/2pi)) (Gradient's Llama-3 1M values)",
+        ("rope_theta",), _scaling_law_parameters,
+    ),
+    "dynamic": RopeMethod(
+        "dynamic", _dynamic_frequencies, "NTK base that grows with the sequence length at inference time",
+        ("factor", "rope_theta"), _dynamic_parameters, max_position_is_native=True, length_dependent=True,
+    ),
+    "yarn": RopeMethod(
+        "yarn", _yarn_frequencies, "NTK-by-parts interpolation plus attention temperature",
+        ("factor", "rope_theta", *YARN_OPTIONS), _yarn_parameters, keeps_original_length=True,
+    ),
+    "llama3": RopeMethod(
+        "llama3", _llama3_frequencies, "Llama 3.1 piecewise: low frequencies divided, high kept, smooth between",
+        ("factor", "rope_theta", "low_freq_factor", "high_freq_factor"), _llama3_parameters, keeps_original_length=True,
+    ),
+    "longrope": RopeMethod(
+        "longrope", _longrope_frequencies, "LongRoPE (Phi-3): per-pair rescale factors, a long set beyond the original length",
+        keeps_original_length=True, length_dependent=True,
+    ),
+}
+
+# transformers' rope types among them (ntk and scaling-law write "default"), and the groups config.py and eval/ use
+ROPE_TYPES = tuple(name for name, method in ROPE_METHODS.items() if method.rope_type == name)
+TYPES_WITH_ORIGINAL_LENGTH = tuple(name for name in ROPE_TYPES if ROPE_METHODS[name].keeps_original_length)
+LENGTH_DEPENDENT_TYPES = tuple(name for name in ROPE_TYPES if ROPE_METHODS[name].length_dependent)
+
+
 def compute_rope(
     rope_parameters: dict,
     *,
@@ -193,55 +401,12 @@ def compute_rope(
     max_position_embeddings: int,
     seq_len: int | None = None,
 ) -> RopeResult:
-    """(inv_freq, attention_factor) for v5 rope_parameters, as transformers computes them.
+    """(inv_freq, attention_factor) for v5 rope_parameters, by the table's function for their rope_type.
 
-    `seq_len` matters only for dynamic (the base grows with it) and longrope (long
-    factors beyond the original length); None means the state right after loading.
+    `seq_len` matters only for the length-dependent types (dynamic: the base grows with it;
+    longrope: long factors beyond the original length); None means the state right after loading.
     """
-    params = rope_parameters
-    rope_type = params.get("rope_type", "default")
-    base = params["rope_theta"]
-    if rope_type == "default":
-        return default_rope(rotary_dim, base)
-    if rope_type == "linear":
-        return linear_rope(rotary_dim, base, params["factor"])
-    if rope_type == "dynamic":
-        # transformers' dynamic type treats max_position_embeddings as the original length
-        return dynamic_ntk_rope(rotary_dim, base, params["factor"], max_position_embeddings, seq_len)
-    if rope_type == "yarn":
-        original = params["original_max_position_embeddings"]
-        factor = params.get("factor") or max_position_embeddings / original
-        return yarn_rope(
-            rotary_dim,
-            base,
-            factor,
-            original,
-            beta_fast=params.get("beta_fast"),
-            beta_slow=params.get("beta_slow"),
-            attention_factor=params.get("attention_factor"),
-            mscale=params.get("mscale"),
-            mscale_all_dim=params.get("mscale_all_dim"),
-            truncate=params.get("truncate", True),
-        )
-    if rope_type == "llama3":
-        return llama3_rope(
-            rotary_dim,
-            base,
-            params["factor"],
-            params["original_max_position_embeddings"],
-            low_freq_factor=params["low_freq_factor"],
-            high_freq_factor=params["high_freq_factor"],
-        )
-    if rope_type == "longrope":
-        original = params["original_max_position_embeddings"]
-        return longrope_rope(
-            rotary_dim,
-            base,
-            params["short_factor"],
-            params["long_factor"],
-            original,
-            factor=params.get("factor") or max_position_embeddings / original,
-            attention_factor=params.get("attention_factor"),
-            seq_len=seq_len,
-        )
-    raise ValueError(f"rope_type {rope_type!r} is not supported")
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported")
+    return ROPE_METHODS[rope_type].frequencies(rope_parameters, rotary_dim, max_position_embeddings, seq_len)

@@ -15,30 +15,19 @@ import dataclasses
 import math
 
 from longctx.errors import LongctxError
-from longctx.rope.config import (
-    SUPPORTED_ROPE_TYPES,
-    native_length,
-    rope_settings,
-    rotary_dim,
-)
-from longctx.rope.methods import ntk_base, scaling_law_base
+from longctx.rope.config import native_length, rope_settings, rotary_dim
+from longctx.rope.methods import ROPE_METHODS, ROPE_TYPES, Extension
 
-METHODS = ("linear", "ntk", "scaling-law", "dynamic", "yarn", "llama3")
+# the methods that can extend a model: the table's entries that write rope parameters
+METHODS = tuple(name for name, method in ROPE_METHODS.items() if method.parameters is not None)
+# every option any of them takes (extend's flags), in table order
+OPTIONS = tuple(dict.fromkeys(option for name in METHODS for option in ROPE_METHODS[name].options))
+
 # NTK-aware: the config stays a plain rope_theta that every runtime and merge path reads,
 # caches stay valid at every length (unlike dynamic), short prompts keep working (YaRN's
 # attention temperature degrades them on small models), and on the default model it
 # measured best of the static methods without training (docs/rope.md).
 DEFAULT_METHOD = "ntk"
-
-# Which optional parameters each method takes (besides the target length).
-METHOD_PARAMETERS = {
-    "linear": ("factor", "rope_theta"),
-    "ntk": ("factor", "rope_theta"),
-    "scaling-law": ("rope_theta",),
-    "dynamic": ("factor", "rope_theta"),
-    "yarn": ("factor", "rope_theta", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"),
-    "llama3": ("factor", "rope_theta", "low_freq_factor", "high_freq_factor"),
-}
 
 # Stage schedule defaults: EasyContext trains with about 1M tokens per optimizer step,
 # 200-400 steps per stage, and a constant learning rate of 2e-5 (as Gradient did).
@@ -70,25 +59,24 @@ def rope_for_length(config: dict, length: int, method: str = DEFAULT_METHOD, **o
     low_freq_factor, high_freq_factor (llama3).
     """
     _check_method(method)
+    entry = ROPE_METHODS[method]
     given = {key: value for key, value in overrides.items() if value is not None}
-    unknown = set(given) - {key for keys in METHOD_PARAMETERS.values() for key in keys}
+    unknown = set(given) - set(OPTIONS)
     if unknown:
         raise TypeError(f"rope_for_length() got unknown parameters {sorted(unknown)}")
-    not_for_method = [key for key in given if key not in METHOD_PARAMETERS[method]]
+    not_for_method = [key for key in given if key not in entry.options]
     if not_for_method:
         flags = ", ".join(_flag(key) for key in not_for_method)
         raise LongctxError(f"{flags} does not apply to method {method}; drop it or choose a method that takes it")
-    if method == "ntk" and "factor" in given and "rope_theta" in given:
-        raise LongctxError("--factor and --rope-theta both set the ntk theta; give one of them")
     if length <= 0:
         raise LongctxError(f"target length must be positive, got {length}")
 
     source = rope_settings(config)
     source_params = source["rope_parameters"]
-    if source_params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+    if source_params["rope_type"] not in ROPE_TYPES:
         raise LongctxError(
             f"the model uses rope_type {source_params['rope_type']!r}, which longctx cannot rescale; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"supported: {', '.join(ROPE_TYPES)}"
         )
     native = native_length(source)
     dim = rotary_dim(config, source_params)
@@ -97,52 +85,19 @@ def rope_for_length(config: dict, length: int, method: str = DEFAULT_METHOD, **o
     factor = float(given.get("factor", length / native))
     if factor < 1:
         raise LongctxError(f"scale factor {factor:g} is below 1 (target {length} < native {native}); longctx only extends")
-    # dynamic scales to any length (its factor only sets how fast), the others stop at native * factor
-    if "factor" in given and method != "dynamic" and native * factor < length:
+    # a length-dependent method scales to any length (its factor only sets how fast); the others stop at native * factor
+    if "factor" in given and not entry.length_dependent and native * factor < length:
         raise LongctxError(
             f"--factor {factor:g} reaches only {math.floor(native * factor)} tokens from the native {native}, "
             f"less than --target-len {length}; raise --factor or drop it"
         )
 
-    params: dict = {}
-    if method == "linear":
-        params = {"rope_type": "linear", "rope_theta": given.get("rope_theta", base), "factor": factor}
-    elif method == "ntk":
-        params = {"rope_type": "default", "rope_theta": given.get("rope_theta", ntk_base(base, factor, dim))}
-    elif method == "scaling-law":
-        # whole numbers, as Gradient published them (283461213, 3580165449)
-        theta = given.get("rope_theta", round(scaling_law_base(base, length, native)))
-        params = {"rope_type": "default", "rope_theta": theta}
-    elif method == "dynamic":
-        params = {"rope_type": "dynamic", "rope_theta": given.get("rope_theta", base), "factor": factor}
-    elif method == "yarn":
-        params = {
-            "rope_type": "yarn",
-            "rope_theta": given.get("rope_theta", base),
-            "factor": factor,
-            "original_max_position_embeddings": native,
-        }
-        for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"):
-            if key in given:
-                params[key] = given[key]
-    elif method == "llama3":
-        low = float(given.get("low_freq_factor", 1.0))
-        high = float(given.get("high_freq_factor", 4.0))
-        if high <= low:
-            raise LongctxError(f"--high-freq-factor ({high:g}) must be greater than --low-freq-factor ({low:g})")
-        params = {
-            "rope_type": "llama3",
-            "rope_theta": given.get("rope_theta", base),
-            "factor": factor,
-            "low_freq_factor": low,
-            "high_freq_factor": high,
-            "original_max_position_embeddings": native,
-        }
+    params = entry.parameters(Extension(base=base, native=native, length=length, factor=factor, rotary_dim=dim, given=given))
     params["rope_theta"] = float(params["rope_theta"])
     if "partial_rotary_factor" in source_params:
         params["partial_rotary_factor"] = source_params["partial_rotary_factor"]
     # transformers' dynamic type reads max_position_embeddings as the original length
-    max_position_embeddings = native if method == "dynamic" else length
+    max_position_embeddings = native if entry.max_position_is_native else length
     return {"rope_parameters": params, "max_position_embeddings": max_position_embeddings}
 
 

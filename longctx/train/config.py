@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from longctx.errors import LongctxError
+from longctx.rope.planner import METHODS, OPTIONS
+from longctx.tasks.haystacks import DATASET_BUILDERS
+from longctx.units import parse_token_count
 
 MODES = ("full", "lora")
 PRECISIONS = ("float32", "bfloat16")
 DATA_SOURCES = ("synthetic-passkey", "files", "hub")
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 LR_SCHEDULES = ("constant", "cosine")
 PASSKEY_LOSS = ("all", "answer")
 
@@ -41,7 +43,7 @@ PASSKEY_LOSS = ("all", "answer")
 class RopeSpec:
     """How a stage sets rope: a planner method (with optional overrides), or explicit values."""
 
-    method: str | None = None  # a planner method (e.g. yarn, linear, ntk, llama3, theta)
+    method: str | None = None  # a planner method (longctx.rope.planner.METHODS: yarn, ntk, scaling-law, ...)
     theta: float | None = None  # explicit rope_theta
     factor: float | None = None  # explicit scaling factor (needs a method)
     overrides: dict = field(default_factory=dict)  # any further planner keywords
@@ -187,8 +189,6 @@ def parse_config(raw: dict) -> TrainConfig:
 
 
 def parse_stage(raw: Any, where: str) -> StageConfig:
-    from longctx.commands._args import parse_token_count
-
     if not isinstance(raw, dict):
         raise LongctxError(f"{where} must be a mapping with seq_len, steps or tokens, learning_rate")
     raw = dict(raw)
@@ -223,7 +223,7 @@ def _parse_rope(raw: Any, where: str) -> RopeSpec:
     if raw is None:
         return RopeSpec()
     if isinstance(raw, str):
-        return RopeSpec(method=raw)
+        raw = {"method": raw}
     if not isinstance(raw, dict):
         raise LongctxError(f"{where} must be a method name or a mapping like {{method: yarn}} or {{theta: 1.0e6}}")
     raw = dict(raw)
@@ -237,6 +237,11 @@ def _parse_rope(raw: Any, where: str) -> RopeSpec:
         raise LongctxError(f"{where}: theta and factor must be numbers") from None
     if factor is not None and method is None:
         raise LongctxError(f"{where}: a factor needs a method (e.g. {{method: linear, factor: 4}})")
+    if method is not None and str(method) not in METHODS:
+        raise LongctxError(f"{where}.method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    unknown = sorted(set(raw) - set(OPTIONS))
+    if unknown:
+        raise LongctxError(f"{where}: unknown rope option(s) {', '.join(unknown)}; the planner takes {', '.join(OPTIONS)}")
     if theta is not None and theta <= 0 or factor is not None and factor <= 0:
         raise LongctxError(f"{where}: theta and factor must be positive")
     return RopeSpec(method=None if method is None else str(method), theta=theta, factor=factor, overrides=raw)
@@ -341,10 +346,10 @@ def resolve_data_files(paths: list[str]) -> list[str]:
         if not matches:
             raise LongctxError(f"data path {pattern} matches no file; check data.paths")
         files.extend(matches)
-    formats = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    formats = {DATASET_BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in formats:
-        bad = next(f for f in files if Path(f).suffix.lower() not in FILE_FORMATS)
-        raise LongctxError(f"{bad}: unknown data format; use .jsonl, .json, .parquet or .txt files")
+        bad = next(f for f in files if Path(f).suffix.lower() not in DATASET_BUILDERS)
+        raise LongctxError(f"{bad}: unknown data format; use {', '.join(DATASET_BUILDERS)} files")
     if len(formats) > 1:
-        raise LongctxError("data.paths mixes formats; give files of one format (jsonl, parquet or text)")
+        raise LongctxError("data.paths mixes formats; give files of one format (jsonl, parquet, csv or text)")
     return files

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from longctx.errors import LongctxError
-from longctx.train.config import FILE_FORMATS, DataConfig, resolve_data_files
+from longctx.labels import IGNORE_INDEX
+from longctx.tasks.haystacks import DATASET_BUILDERS, dataset_errors
+from longctx.train.config import DataConfig, resolve_data_files
 
-IGNORE_INDEX = -100
 MIN_HAYSTACK_TOKENS = 16  # the least haystack a synthetic passkey document holds
 
 
@@ -94,9 +95,9 @@ def passkey_documents(
     answer sits instead of where the key is: trained on one length only, a tiny model
     answered at that prompt length and at no other, not even a few tokens shorter.
     """
-    from longctx.eval.haystacks import build_haystack, encode
-    from longctx.eval.prompts import PromptBuilder, detect_style
-    from longctx.eval.tasks import Task
+    from longctx.tasks.haystacks import build_haystack, encode
+    from longctx.tasks.prompts import PromptBuilder, detect_style
+    from longctx.tasks.retrieval import Task
 
     task = Task("passkey")
     style = detect_style(tokenizer, "auto", task.name)  # the raw passkey text for every model, as the needle test
@@ -141,7 +142,7 @@ def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Docume
 
     if data.source == "files":
         files = resolve_data_files(data.paths)
-        builder = FILE_FORMATS[files[0][files[0].rfind(".") :].lower()]
+        builder = DATASET_BUILDERS[files[0][files[0].rfind(".") :].lower()]
         load_args = (builder,)
         load_kwargs = {"data_files": files, "split": "train"}
     else:
@@ -149,7 +150,7 @@ def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Docume
         load_kwargs = {"split": data.split}
     try:
         dataset = datasets.load_dataset(*load_args, streaming=data.streaming, **load_kwargs)
-    except Exception as error:
+    except dataset_errors() as error:
         raise LongctxError(f"cannot load training data {load_args[0]!r}: {str(error).splitlines()[0]}") from error
     columns = dataset.column_names or []
     if columns and data.text_field not in columns:

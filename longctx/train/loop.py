@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from longctx.errors import LongctxError
+from longctx.labels import IGNORE_INDEX
 from longctx.train import checkpoint as ckpt
 from longctx.train.config import StageConfig, TrainConfig
-from longctx.train.data import IGNORE_INDEX, BatchStream, packed_rows
+from longctx.train.data import BatchStream, packed_rows
 from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ def stage_rope(base_config: dict, stage: StageConfig) -> dict:
         overrides["rope_theta"] = spec.theta
     if spec.factor is not None:
         overrides["factor"] = spec.factor
-    try:
-        return rope_for_length(base_config, stage.seq_len, spec.method, **overrides)
-    except TypeError as error:
-        raise LongctxError(f"stage at {stage.seq_len}: rope option not understood ({error}); see `longctx plan --help`") from None
+    return rope_for_length(base_config, stage.seq_len, spec.method, **overrides)
 
 
 def shard_module(module: torch.nn.Module, runtime: Runtime) -> None:

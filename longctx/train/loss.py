@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from longctx.labels import IGNORE_INDEX
 
 
 def _logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Write an extended model directory: new rope settings in the config, the weights linked.
 
-The only module in longctx/rope/ that touches disk. Extending changes config files only:
-config.json gets the new rope_parameters and max_position_embeddings,
-tokenizer_config.json the new model_max_length, longctx.json records what was done, and
-the weight shards are hard-linked (copied when the output is on another filesystem), so
-extending an 8B model takes seconds and a few MB of memory.
+The disk side of `longctx extend`: longctx.rope decides the settings (and touches no file),
+this module writes them. Extending changes config files only: config.json gets the new
+rope_parameters and max_position_embeddings, tokenizer_config.json the new model_max_length,
+longctx.json records what was done, and the weight shards are hard-linked (copied when the
+output is on another filesystem), so extending an 8B model takes seconds and a few MB of memory.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 
 from longctx.errors import LongctxError
-from longctx.models import TensorReader, atomic_output_dir, check_output_free, copy_auxiliary_files, link_or_copy, read_json, write_json
 from longctx.models.metadata import write_metadata
-from longctx.models.tensors import PICKLE_INDEX, SAFE_INDEX
+from longctx.models.output import atomic_output_dir, check_output_free, copy_auxiliary_files, link_or_copy, read_json, write_json
+from longctx.models.tensors import PICKLE_INDEX, SAFE_INDEX, TensorReader
 from longctx.rope.config import apply_rope_settings, context_length, native_length, rope_settings
 from longctx.rope.planner import rope_for_length
 

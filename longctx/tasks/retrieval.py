@@ -11,13 +11,13 @@
   expected values found in the answer, case-insensitive).
 
 Every sample of a task shares one instruction (the text before the haystack), so the KV
-cache of instruction + haystack can be reused across samples and depths.
+cache of instruction + haystack can be reused across samples and depths. A sample names its
+scoring rule; the rules themselves are evaluation's (longctx/eval/scoring.py).
 """
 
 from __future__ import annotations
 
 import random
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -178,48 +178,3 @@ def _distinct(rng: random.Random, count: int, draw) -> list[str]:
         if value not in values:
             values.append(value)
     return values
-
-
-# Scoring -------------------------------------------------------------------------------------
-
-STOPWORDS = frozenset("a an and are as at be by for in is it of on or the to was were with".split())
-WORD = re.compile(r"[a-z0-9]+")
-
-
-def first_integer_match(answer: str, expected: str) -> float:
-    """1.0 when the first integer in the answer is the expected one (the passkey test's rule)."""
-    match = re.search(r"\d+", answer)
-    return float(match is not None and match.group(0) == expected)
-
-
-def string_match_all(answer: str, expected: list[str]) -> float:
-    """RULER's string_match_all: the fraction of expected strings found in the answer, ignoring case."""
-    answer = answer.lower()
-    return sum(value.lower() in answer for value in expected) / len(expected)
-
-
-def keyword_recall(answer: str, needle: str, question: str) -> float:
-    """The fraction of the needle's content words (not stopwords, not in the question) in the answer."""
-    asked = set(WORD.findall(question.lower()))
-    keywords = [w for w in dict.fromkeys(WORD.findall(needle.lower())) if w not in asked and w not in STOPWORDS]
-    if not keywords:
-        keywords = [w for w in dict.fromkeys(WORD.findall(needle.lower()))]
-    said = set(WORD.findall(answer.lower()))
-    return sum(w in said for w in keywords) / len(keywords)
-
-
-def score_answer(sample: Sample, answer: str) -> float:
-    """Score a generated answer (the text after the answer prefix) in [0, 1]."""
-    if sample.scoring == "first_integer":
-        return first_integer_match(answer, sample.expected[0])
-    if sample.scoring == "all_values":
-        return string_match_all(answer, sample.expected)
-    return keyword_recall(answer, sample.expected[0], sample.question)
-
-
-def score_is_settled(sample: Sample, answer: str) -> bool:
-    """Whether no continuation of this partial answer can change its score, so generation may stop:
-    the first integer has ended (first_integer), or the score is already 1 (recall scores only grow)."""
-    if sample.scoring == "first_integer":
-        return re.search(r"\d+\D", answer) is not None
-    return score_answer(sample, answer) == 1.0

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longctx.errors import LongctxError
-from longctx.eval.haystacks import Haystack, encode
+from longctx.tasks.haystacks import Haystack, encode
 
 PROMPT_STYLES = ("auto", "chat", "raw")
 CONTEXT_MARK = "\x00CONTEXT\x00"

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 NOISE_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 SENTENCE_END = (".", "!", "?", "\n")
 TEXT_SUFFIXES = (".txt", ".md")
-DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# file suffix -> the `datasets` builder that reads it (dataset haystacks and training data alike)
+DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
 NOISE_TEXT_CHARS = 200_000  # about 45K tokens; repeated further when a length needs more
 
 
@@ -68,6 +69,15 @@ def _read_text_dir(path: Path) -> str:
     return "\n\n".join(_read_text_file(p).strip() for p in files)
 
 
+def dataset_errors() -> tuple[type[Exception], ...]:
+    """What `datasets` raises for a file or dataset it cannot read: a missing file or an unreachable
+    hub (OSError), a bad split or a parse error from pyarrow (ValueError), a file it cannot build
+    (DatasetsError). Anything else is a bug and propagates."""
+    import datasets
+
+    return (OSError, ValueError, datasets.exceptions.DatasetsError)
+
+
 def _read_dataset(spec: str) -> str:
     name, _, rest = spec.partition(":")
     split, _, column = rest.partition(":")
@@ -75,19 +85,17 @@ def _read_dataset(spec: str) -> str:
     import datasets
 
     path = Path(name).expanduser()
+    builder = DATASET_BUILDERS.get(path.suffix.lower())
+    if path.is_file() and builder is None:
+        raise LongctxError(f"cannot read {path} as a dataset; use a {', '.join(DATASET_BUILDERS)} file")
     try:
         if path.is_file():
-            builder = DATASET_BUILDERS.get(path.suffix)
-            if builder is None:
-                raise LongctxError(f"cannot read {path} as a dataset; use a {', '.join(DATASET_BUILDERS)} file")
             data = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
         elif path.is_dir() and any(path.glob("*.arrow")):
             data = datasets.load_from_disk(str(path))
         else:
             data = datasets.load_dataset(name, split=split)
-    except LongctxError:
-        raise
-    except Exception as error:
+    except dataset_errors() as error:
         raise LongctxError(f"cannot load dataset {name!r} split {split!r}: {error}") from error
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
