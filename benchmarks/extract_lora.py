@@ -86,15 +86,17 @@ def make_extended(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     generator = torch.Generator().manual_seed(seed)
-    tmp, writer = partial_dir(out_dir)
     with TensorReader(base_dir) as base:
-        for name, tensor in base.iter_tensors():
-            if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-                tensor = (tensor.float() + structured_delta(tensor, generator)).to(tensor.dtype)
-            elif name == "model.norm.weight":
-                tensor = (tensor.float() * 1.01).to(tensor.dtype)
-            writer.add(name, tensor)
-    writer.close()
+        tmp, writer = partial_dir(out_dir, {name: (base.shape(name), base.dtype(name)) for name in base.names()})
+        with writer:
+            for name in base.names():
+                tensor = base.get(name)
+                if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+                    tensor = (tensor.float() + structured_delta(tensor, generator)).to(tensor.dtype)
+                elif name == "model.norm.weight":
+                    tensor = (tensor.float() * 1.01).to(tensor.dtype)
+                writer.write(name, tensor)
+
     config = read_json(base_dir / "config.json")
     original = config["max_position_embeddings"]
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))

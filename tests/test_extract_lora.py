@@ -345,22 +345,23 @@ def test_mergekit_engine_adds_sidecar_and_measured_report(pair, tmp_path):
 @pytest.mark.slow
 def test_real_default_model_round_trip(default_model_dir, tmp_path):
     """SmolLM2-135M with rank-4 deltas in two layers: base + adapter gives EXTENDED's logits."""
-    from longctx.models import ShardedSafetensorsWriter, TensorReader, copy_auxiliary_files, read_json, write_json
+    from longctx.models import SafetensorsWriter, TensorReader, copy_auxiliary_files, read_json, write_json
     from longctx.rope.config import apply_rope_settings
 
     extended = tmp_path / "extended"
     extended.mkdir()
     generator = torch.Generator().manual_seed(0)
-    writer = ShardedSafetensorsWriter(extended, max_shard_bytes=200 * 1024**2)
-    with TensorReader(default_model_dir) as reader:
-        for name, tensor in reader.iter_tensors():
+    with TensorReader(default_model_dir) as reader, SafetensorsWriter(
+            extended, {name: (reader.shape(name), reader.dtype(name)) for name in reader.names()},
+            max_shard_bytes=200 * 1024**2) as writer:
+        for name in reader.names():
+            tensor = reader.get(name)
             changed = name.startswith(("model.layers.0.", "model.layers.7.")) and name.endswith(
                 ("q_proj.weight", "v_proj.weight", "down_proj.weight"))
             if changed:
                 left = torch.randn(tensor.shape[0], 4, generator=generator)
                 tensor = tensor + 0.02 * left @ torch.randn(4, tensor.shape[1], generator=generator)
-            writer.add(name, tensor)
-    writer.close()
+            writer.write(name, tensor)
     config = read_json(default_model_dir / "config.json")
     rope = {"rope_type": "yarn", "rope_theta": 100000.0, "factor": 4.0, "original_max_position_embeddings": 8192}
     write_json(extended / "config.json", apply_rope_settings(config, rope, 32768))

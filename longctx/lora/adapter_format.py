@@ -13,10 +13,8 @@ come from rank_pattern / alpha_pattern when a key there matches the module name.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from pathlib import Path
 
 from longctx.errors import LongctxError
@@ -103,75 +101,3 @@ def lora_adapter_config(
         "ensure_weight_tying": ensure_weight_tying,
         "inference_mode": True,
     }
-
-
-def _safetensors_dtype(dtype) -> str:
-    """The safetensors name of a torch dtype."""
-    from longctx.models.tensors import SAFETENSORS_DTYPE_NAMES
-
-    if dtype not in SAFETENSORS_DTYPE_NAMES:
-        raise ValueError(f"safetensors cannot store dtype {dtype}")
-    return SAFETENSORS_DTYPE_NAMES[dtype]
-
-
-class StreamingSafetensorsWriter:
-    """Write one .safetensors file without holding its tensors in memory.
-
-    PEFT reads a single adapter_model.safetensors, but an adapter with full-rank
-    embeddings can be gigabytes. Tensor bytes go to a side file as they are produced;
-    `close()` writes the header (which must come first and lists every offset) and then
-    copies the bytes after it in blocks. The result is the standard safetensors layout:
-    8-byte little-endian header length, JSON header padded to 8 bytes, raw data.
-    """
-
-    COPY_BLOCK = 64 * 1024**2
-
-    def __init__(self, path: str | Path, *, metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        self._data_path = self.path.with_name(self.path.name + ".data")
-        self._data = open(self._data_path, "wb")
-        self._header: dict[str, dict] = {}
-        self._offset = 0
-        self.metadata = {"format": "pt", **(metadata or {})}
-
-    def add(self, name: str, tensor) -> None:
-        """Append one torch tensor."""
-        import torch
-
-        if name in self._header:
-            raise ValueError(f"tensor {name} written twice")
-        dtype_name = _safetensors_dtype(tensor.dtype)
-        tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self._data.write(memoryview(raw))
-        size = tensor.numel() * tensor.element_size()
-        self._header[name] = {
-            "dtype": dtype_name,
-            "shape": list(tensor.shape),
-            "data_offsets": [self._offset, self._offset + size],
-        }
-        self._offset += size
-
-    @property
-    def total_bytes(self) -> int:
-        return self._offset
-
-    def names(self) -> list[str]:
-        return list(self._header)
-
-    def close(self) -> Path:
-        self._data.close()
-        header = {"__metadata__": self.metadata, **dict(sorted(self._header.items()))}
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            while block := data.read(self.COPY_BLOCK):
-                out.write(block)
-        self._data_path.unlink()
-        return self.path
-
-    def abort(self) -> None:
-        self._data.close()
-        self._data_path.unlink(missing_ok=True)

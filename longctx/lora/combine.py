@@ -39,6 +39,7 @@ from longctx.lora.merge import (
 )
 from longctx.models.metadata import write_metadata
 from longctx.models.output import atomic_output_dir, check_output_free, write_json
+from longctx.models.writer import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +225,8 @@ def combine_adapters(
         tensors[lora_key(module, f"base_layer.{leaf}")] = tensor
 
     config = combined_config(adapters, ranks, sorted({name.rsplit(".", 1)[0] for name in saved}))
-    from safetensors.torch import save_file
-
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(tmp, tensors, file_name=ADAPTER_WEIGHTS, max_shard_bytes=None)
         write_json(tmp / ADAPTER_CONFIG, config)
         if rope is not None and not keep_base_config:
             write_metadata(

@@ -42,6 +42,7 @@ from longctx.lora import adapter_format
 from longctx.lora.lowrank import FactorStats, factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
 from longctx.models.metadata import read_metadata, write_metadata
+from longctx.models.writer import SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ class _Extractor:
     """One pass over the tensor pairs: decisions per module, factors and copies streamed to the writer."""
 
     def __init__(self, base: TensorReader, extended: TensorReader, layout: ModelLayout, settings: ExtractionSettings,
-                 writer: adapter_format.StreamingSafetensorsWriter):
+                 writer: SafetensorsWriter):
         self.base, self.extended, self.layout, self.settings, self.writer = base, extended, layout, settings, writer
         self.out_dtype = DTYPES[settings.dtype]
         self.modules: dict[str, dict] = {}  # module -> its report entry
@@ -608,12 +609,12 @@ class _Extractor:
     def write_factors(self, module: str, factored: FactoredDelta) -> None:
         is_embedding = self.layout.module_kind[module] == "embedding"
         if is_embedding:
-            self.writer.add(adapter_format.lora_key(module, "lora_embedding_A"), factored.A)
-            self.writer.add(adapter_format.lora_key(module, "lora_embedding_B"), factored.B)
+            self.writer.write(adapter_format.lora_key(module, "lora_embedding_A"), factored.A)
+            self.writer.write(adapter_format.lora_key(module, "lora_embedding_B"), factored.B)
         else:
             self.lora_targets.add(module)
-            self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), factored.A)
-            self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), factored.B)
+            self.writer.write(adapter_format.lora_key(module, "lora_A.weight"), factored.A)
+            self.writer.write(adapter_format.lora_key(module, "lora_B.weight"), factored.B)
         self.ranks[module] = factored.stats.rank
         self.entry(
             module,
@@ -627,11 +628,11 @@ class _Extractor:
         )
 
     def write_full(self, module: str, param: str, tensor: torch.Tensor) -> None:
-        self.writer.add(adapter_format.full_module_key(module, param), tensor)
+        self.writer.write(adapter_format.full_module_key(module, param), tensor)
         self.written_full.add(f"{module}.{param}")
         if self.layout.tied_embeddings and module == self.layout.embedding_module and param == "weight":
             # PEFT with ensure_weight_tying loads lm_head's copy of the tied embedding too
-            self.writer.add(adapter_format.full_module_key(self.layout.lm_head_module, "weight"), tensor)
+            self.writer.write(adapter_format.full_module_key(self.layout.lm_head_module, "weight"), tensor)
 
     def adapter_config(self, base_model: str) -> dict:
         adapted = set(self.ranks)  # linear layers, lm_head, and the embedding when it is a LoRA
@@ -647,8 +648,8 @@ class _Extractor:
 
     def add_zero_lora(self, module: str, method: str) -> None:
         out_features, in_features = self.base.shape(f"{module}.weight")
-        self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
-        self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
+        self.writer.write(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
+        self.writer.write(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
         self.lora_targets.add(module)
         self.ranks[module] = 1
         self.entry(module, kind="lora", shape=[out_features, in_features], rank=1, method=method)
@@ -678,7 +679,7 @@ class _Extractor:
             bias = self.bias_deltas.get(module)
             if bias is None:
                 bias = torch.zeros(self.base.shape(f"{module}.weight")[0])
-            self.writer.add(adapter_format.lora_key(module, "lora_B.bias"), bias.to(self.out_dtype))
+            self.writer.write(adapter_format.lora_key(module, "lora_B.bias"), bias.to(self.out_dtype))
 
 
 def extract_lora(
@@ -726,17 +727,14 @@ def extract_lora(
         ignored = _ignored_tensors(layout)
         names = [name for name in extended.names() if name not in ignored]
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-            writer = adapter_format.StreamingSafetensorsWriter(tmp / adapter_format.ADAPTER_WEIGHTS)
-            try:
+            # one file however large (PEFT reads a single adapter_model.safetensors), ranks known as modules finish
+            with SafetensorsWriter(tmp, file_name=adapter_format.ADAPTER_WEIGHTS, max_shard_bytes=None) as writer:
                 extractor = _Extractor(base, extended, layout, settings, writer)
                 extractor.run(names, show_progress)
                 if not writer.names():
                     raise LongctxError("BASE and EXTENDED have identical weights: there is no difference to extract")
                 with extractor.tally.timing("write"):
                     writer.close()
-            except BaseException:
-                writer.abort()
-                raise
             write_json(tmp / adapter_format.ADAPTER_CONFIG, extractor.adapter_config(str(base_dir)))
             report = _report(base_dir, extended_dir, settings, extractor, writer.total_bytes, time.perf_counter() - started)
             write_json(tmp / REPORT_FILE, report)

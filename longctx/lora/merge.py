@@ -24,11 +24,9 @@ Everything is checked before the output directory is created.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,15 +44,9 @@ from longctx.lora.adapter_format import (
     read_adapter_config,
 )
 from longctx.models.metadata import read_metadata, write_metadata
-from longctx.models.output import (
-    DEFAULT_MAX_SHARD_BYTES,
-    atomic_output_dir,
-    check_output_free,
-    copy_auxiliary_files,
-    read_json,
-    write_json,
-)
-from longctx.models.tensors import SAFETENSORS_DTYPE_NAMES, TensorLocation, TensorReader
+from longctx.models.output import atomic_output_dir, check_output_free, copy_auxiliary_files, read_json, write_json
+from longctx.models.tensors import TensorReader
+from longctx.models.writer import DEFAULT_MAX_SHARD_BYTES, SafetensorsWriter, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -469,113 +461,6 @@ def apply_ops(base: torch.Tensor, ops: list[Op], *, device: str | torch.device =
 
 
 # ---------------------------------------------------------------------------------------
-# Writing: safetensors shards whose headers are known in advance
-# ---------------------------------------------------------------------------------------
-
-
-def _shard_layout(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        if shards[-1] and size + nbytes[name] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes[name]
-    return shards
-
-
-def _write_all(file, data) -> None:
-    view, done = memoryview(data).cast("B"), 0
-    while done < len(view):
-        done += file.write(view[done:])
-
-
-class StreamingSafetensorsWriter:
-    """Write save_pretrained-style shards one tensor at a time, holding none of them.
-
-    Every tensor's name, shape and dtype is given up front, so each shard's header (and
-    the index) can be written before the data; `write` then appends each tensor's bytes
-    in the announced order, and `copy` appends an unchanged tensor straight from its source
-    file (in the kernel, without passing through our memory). Files are valid after `close()`.
-    """
-
-    COPY_BLOCK = 64 * 1024**2
-
-    def __init__(self, out_dir: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.out_dir = Path(out_dir)
-        self.layout = layout
-        element = {name: torch.empty((), dtype=dtype).element_size() for name, (_, dtype) in layout.items()}
-        self.nbytes = {name: math.prod(shape) * element[name] for name, (shape, _) in layout.items()}
-        self.shards = _shard_layout(list(layout), self.nbytes, max_shard_bytes)
-        count = len(self.shards)
-        self.file_names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        self.order = [name for shard in self.shards for name in shard]
-        self._shard_starts = {shard[0] for shard in self.shards if shard}
-        self._next = 0
-        self._shard_index = -1
-        self._file = None
-
-    def _open_next_shard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._shard_index += 1
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name in self.shards[self._shard_index]:
-            shape, dtype = self.layout[name]
-            header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes[name]]}
-            offset += self.nbytes[name]
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        self._file = open(self.out_dir / self.file_names[self._shard_index], "wb", buffering=0)
-        _write_all(self._file, struct.pack("<Q", len(encoded)) + encoded)
-
-    def _start(self, name: str, shape, dtype: torch.dtype) -> None:
-        expected = self.order[self._next] if self._next < len(self.order) else None
-        if name != expected or (tuple(shape), dtype) != (tuple(self.layout[name][0]), self.layout[name][1]):
-            raise ValueError(f"tensor {name} {tuple(shape)} {dtype} written out of the announced layout (expected {expected})")
-        if name in self._shard_starts:
-            self._open_next_shard()
-        self._next += 1
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._start(name, tensor.shape, tensor.dtype)
-        if tensor.numel():
-            _write_all(self._file, tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-
-    def copy(self, name: str, source: TensorLocation) -> None:
-        """Append a tensor's bytes unchanged from a safetensors file."""
-        self._start(name, source.shape, source.dtype)
-        with open(source.path, "rb", buffering=0) as handle:
-            offset, left = source.offset, source.nbytes
-            while left:
-                try:
-                    copied = os.copy_file_range(handle.fileno(), self._file.fileno(), min(left, self.COPY_BLOCK), offset)
-                except OSError:  # not supported between these files: copy through a buffer
-                    handle.seek(offset)
-                    block = handle.read(min(left, self.COPY_BLOCK))
-                    _write_all(self._file, block)
-                    copied = len(block)
-                if not copied:
-                    raise LongctxError(f"{source.path} is truncated; re-save the model")
-                offset += copied
-                left -= copied
-
-    def close(self) -> list[str]:
-        if self._next != len(self.order):
-            raise ValueError(f"{len(self.order) - self._next} announced tensors were never written")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if len(self.shards) > 1:
-            weight_map = {name: file for shard, file in zip(self.shards, self.file_names) for name in shard}
-            index = {"metadata": {"total_size": sum(self.nbytes.values())}, "weight_map": dict(sorted(weight_map.items()))}
-            write_json(self.out_dir / "model.safetensors.index.json", index)
-        return self.file_names
-
-
-# ---------------------------------------------------------------------------------------
 # The merge
 # ---------------------------------------------------------------------------------------
 
@@ -680,29 +565,29 @@ def merge_adapters(
 
         layout = {name: (plan.shapes[name], plan.dtypes[name]) for name in plan.tensors}
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-            writer = StreamingSafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes)
-            bar = tqdm(total=sum(writer.nbytes.values()), unit="B", unit_scale=True, desc="merging", disable=not progress)
-            for name in writer.order:
-                source, ops = plan.tensors[name]
-                if not reader.is_pickle and not ops and reader.dtype(source) == plan.dtypes[name] and source not in plan.base_copies:
-                    writer.copy(name, reader.location(source))  # unchanged: bytes go from file to file
-                    bar.update(writer.nbytes[name])
-                    continue
-                tensor = reader.get(source)
-                for adapter_name, copy in plan.base_copies.pop(source, []):
-                    if not torch.equal(copy.to(tensor.dtype), tensor):
-                        warning = (
-                            f"{adapter_name} was trained on a different {source} than the base model's: adding its delta "
-                            "to the base model's (PEFT would load the adapter's copy over it)"
-                        )
-                        log.warning("warning: %s", warning)
-                        plan.warnings.append(warning)
-                if ops:
-                    tensor = apply_ops(tensor, ops, device=device)
-                writer.write(name, tensor.to(plan.dtypes[name]))
-                bar.update(writer.nbytes[name])
+            bar = tqdm(total=sum(tensor_nbytes(*entry) for entry in layout.values()), unit="B", unit_scale=True,
+                       desc="merging", disable=not progress)
+            with SafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
+                for name, (shape, dtype) in layout.items():
+                    source, ops = plan.tensors[name]
+                    if not reader.is_pickle and not ops and reader.dtype(source) == dtype and source not in plan.base_copies:
+                        writer.copy(name, reader.location(source))  # unchanged: bytes go from file to file
+                        bar.update(tensor_nbytes(shape, dtype))
+                        continue
+                    tensor = reader.get(source)
+                    for adapter_name, copy in plan.base_copies.pop(source, []):
+                        if not torch.equal(copy.to(tensor.dtype), tensor):
+                            warning = (
+                                f"{adapter_name} was trained on a different {source} than the base model's: adding its delta "
+                                "to the base model's (PEFT would load the adapter's copy over it)"
+                            )
+                            log.warning("warning: %s", warning)
+                            plan.warnings.append(warning)
+                    if ops:
+                        tensor = apply_ops(tensor, ops, device=device)
+                    writer.write(name, tensor.to(dtype))
+                    bar.update(tensor_nbytes(shape, dtype))
             bar.close()
-            shard_files = writer.close()
             write_json(tmp / "config.json", new_config)
             copy_auxiliary_files(base_dir, tmp)
             if applied is not None:
@@ -721,8 +606,8 @@ def merge_adapters(
         weights=weights,
         changed_tensors=len(plan.changed()),
         total_tensors=len(plan.tensors),
-        output_bytes=sum(writer.nbytes.values()),
-        shard_files=shard_files,
+        output_bytes=writer.total_bytes,
+        shard_files=writer.files,
         dtype=dtype_name(out_dtype) if out_dtype else ", ".join(sorted({dtype_name(d) for d in plan.dtypes.values()})),
         rope=applied,
         rope_skipped=rope if keep_base_config else None,

@@ -7,7 +7,6 @@ as the CLI's argument definitions do, does not import torch.
 import importlib
 
 _EXPORTS = {
-    "ShardedSafetensorsWriter": "longctx.models.output",
     "atomic_output_dir": "longctx.models.output",
     "check_output_free": "longctx.models.output",
     "copy_auxiliary_files": "longctx.models.output",
@@ -18,6 +17,9 @@ _EXPORTS = {
     "load_model_and_tokenizer": "longctx.models.reference",
     "resolve_model": "longctx.models.reference",
     "TensorReader": "longctx.models.tensors",
+    "SafetensorsWriter": "longctx.models.writer",
+    "tensor_layout": "longctx.models.writer",
+    "write_safetensors": "longctx.models.writer",
 }
 
 __all__ = sorted(_EXPORTS)

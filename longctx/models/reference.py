@@ -85,7 +85,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from longctx.models.output import ShardedSafetensorsWriter
+    from longctx.models.writer import write_safetensors
 
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, dest)
     try:
@@ -104,11 +104,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     try:
         with atomic_output_dir(dest) as tmp:
-            writer = ShardedSafetensorsWriter(tmp)
-            for tensor_name, tensor in model.state_dict().items():
-                if tensor_name not in tied:
-                    writer.add(tensor_name, tensor)
-            writer.close()
+            write_safetensors(tmp, {key: tensor for key, tensor in model.state_dict().items() if key not in tied})
             config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

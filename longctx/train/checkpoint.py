@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longctx.errors import LongctxError
-from longctx.models import ShardedSafetensorsWriter, atomic_output_dir, copy_auxiliary_files, read_json, write_json
+from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json, write_safetensors
 
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
@@ -244,12 +244,7 @@ def write_model_dir(
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with atomic_output_dir(dest, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp)
-        for name, tensor in weights.items():
-            if tied and name == "lm_head.weight":
-                continue
-            writer.add(name, tensor)
-        writer.close()
+        write_safetensors(tmp, {name: tensor for name, tensor in weights.items() if not (tied and name == "lm_head.weight")})
         config.save_pretrained(tmp)
         copy_auxiliary_files(source_dir, tmp)
         write_metadata(tmp, **metadata)
