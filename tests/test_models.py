@@ -233,6 +233,20 @@ def test_unknown_reference_and_unreachable_hub_fail_fast(tmp_path, monkeypatch):
         resolve_model("meta-llama/Meta-Llama-3-8B")
 
 
+def test_hub_is_used_only_when_not_offline_and_reachable(monkeypatch):
+    from longctx.models import reference
+
+    monkeypatch.setattr(reference, "hub_reachable", lambda timeout=5.0: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not reference.hub_available()
+    with pytest.raises(LongctxError, match="cannot reach the Hugging Face hub"):
+        resolve_model("some-org/some-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert reference.hub_available()
+    monkeypatch.setattr(reference, "hub_reachable", lambda timeout=5.0: False)
+    assert not reference.hub_available()
+
+
 @pytest.mark.slow
 def test_default_model_resolves_offline_from_package(default_model_dir):
     from transformers import AutoConfig, AutoTokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from longctx.commands._args import add_output_arguments, formatter
+from longctx.models.dtypes import DTYPE_NAMES
 
 DESCRIPTION = """\
 Extract what EXTENDED (a long-context fine-tune) learned on top of BASE as a LoRA adapter,
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
     parser.add_argument("--vocab-policy", choices=("error", "keep-base"), default="error",
                         help="when vocabulary sizes differ: stop, or keep BASE's vocabulary and drop EXTENDED's "
                         "extra rows (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                         help="dtype of the LoRA factors; full-rank copies keep EXTENDED's dtype (default: %(default)s)")
     parser.add_argument("--device", default="cpu", metavar="cpu|cuda",
                         help="where the factorization runs (default: %(default)s)")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from longctx.commands._args import formatter
+from longctx.models.dtypes import DTYPE_NAMES
 
 DESCRIPTION = """\
 Merge LoRA adapters into a base model: W = W_base + sum_i w_i * scaling_i * B_i A_i, computed in
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new = parser.add_argument_group("longctx")
     new.add_argument("--weights", nargs="+", type=float, metavar="W",
                      help="one scale per adapter, multiplying its LoRA deltas (default: 1 each)")
-    new.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    new.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
                      help="output dtype (default: auto, the base model's own)")
     new.add_argument("--keep-base-config", action="store_true",
                      help="keep the base config's rope settings even when an adapter carries long-context ones")
@@ -120,9 +121,13 @@ def _human_bytes(count: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from longctx.errors import LongctxError
     from longctx.lora import merge
+    from longctx.models.reference import hub_available, push_to_hub
 
-    if args.push_to_hub:
-        merge.require_hub()
+    if args.push_to_hub and not hub_available():
+        raise LongctxError(
+            "--push_to_hub: cannot reach the Hugging Face hub from here; drop --push_to_hub to write the merged "
+            "model locally and upload it later with `hf upload`"
+        )
     if args.combine:
         return run_combine(args)
     if not args.base_model:
@@ -158,14 +163,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  warnings: {len(result.warnings)} (see above)")
     print(f"  time: {result.seconds:.1f} s")
     if args.push_to_hub:
-        repo = merge.push_to_hub(result.output_dir, str(args.output_dir))
+        repo = push_to_hub(result.output_dir, str(args.output_dir))
         print(f"  pushed to the hub: {repo}")
     return 0
 
 
 def run_combine(args: argparse.Namespace) -> int:
-    from longctx.lora import merge
     from longctx.lora.combine import combine_adapters
+    from longctx.models.reference import push_to_hub
 
     result = combine_adapters(
         args.adapters,
@@ -189,7 +194,7 @@ def run_combine(args: argparse.Namespace) -> int:
     if result.warnings:
         print(f"  warnings: {len(result.warnings)} (see above)")
     if args.push_to_hub:
-        repo = merge.push_to_hub(result.output_dir, str(args.output_dir))
+        repo = push_to_hub(result.output_dir, str(args.output_dir))
         print(f"  pushed to the hub: {repo}")
     return 0
 

@@ -25,15 +25,39 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
+# The LoRA tensors of one module: the key's ending -> (the factor it holds, whether the module is an embedding)
+LORA_PARTS = {
+    "lora_A.weight": ("A", False),
+    "lora_B.weight": ("B", False),
+    "lora_B.bias": ("bias", False),
+    "lora_embedding_A": ("A", True),
+    "lora_embedding_B": ("B", True),
+}
 
-def lora_key(module: str, part: str) -> str:
-    """Key of one LoRA tensor: part is 'lora_A.weight', 'lora_B.weight', 'lora_embedding_A', ..."""
+
+def lora_key(module: str, role: str, *, embedding: bool = False) -> str:
+    """Key of one LoRA tensor of a module: role "A", "B", or "bias" (linear layers only)."""
+    part = next(part for part, found in LORA_PARTS.items() if found == (role, embedding))
     return f"{KEY_PREFIX}{module}.{part}"
+
+
+def split_lora_key(name: str) -> tuple[str, str, bool] | None:
+    """(module, role, embedding) of a LoRA tensor's key without KEY_PREFIX; None for any other tensor."""
+    for part, (role, embedding) in LORA_PARTS.items():
+        if name.endswith("." + part):
+            return name[: -len(part) - 1], role, embedding
+    return None
 
 
 def full_module_key(module: str, tensor: str = "weight") -> str:
     """Key of a modules_to_save tensor as PEFT saves it (the wrapper's name is stripped)."""
     return f"{KEY_PREFIX}{module}.{tensor}"
+
+
+def base_layer_key(base_tensor: str) -> str:
+    """Key of an adapter's copy of the base weight under a LoRA layer (PEFT saves it for embedding LoRAs)."""
+    module, leaf = base_tensor.rsplit(".", 1)
+    return f"{KEY_PREFIX}{module}.base_layer.{leaf}"
 
 
 def pattern_value(patterns: dict, module: str, default):

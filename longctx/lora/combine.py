@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from longctx.errors import LongctxError
-from longctx.lora.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, full_module_key, lora_key
+from longctx.lora.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_layer_key, full_module_key, lora_key
 from longctx.lora.merge import (
     Adapter,
     LoraFactors,
@@ -209,8 +209,8 @@ def combine_adapters(
         embedding = entries[0][1].embedding
         if embedding:
             embeddings.add(module)
-        tensors[lora_key(module, "lora_embedding_A" if embedding else "lora_A.weight")] = A
-        tensors[lora_key(module, "lora_embedding_B" if embedding else "lora_B.weight")] = B
+        tensors[lora_key(module, "A", embedding=embedding)] = A
+        tensors[lora_key(module, "B", embedding=embedding)] = B
         ranks[module] = A.shape[0]
 
     saved: dict[str, torch.Tensor] = {}
@@ -221,8 +221,7 @@ def combine_adapters(
     for name, tensor in saved.items():
         tensors[full_module_key(*name.rsplit(".", 1))] = tensor
     for name, tensor in base_layers.items():
-        module, leaf = name.rsplit(".", 1)
-        tensors[lora_key(module, f"base_layer.{leaf}")] = tensor
+        tensors[base_layer_key(name)] = tensor
 
     config = combined_config(adapters, ranks, sorted({name.rsplit(".", 1)[0] for name in saved}))
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:

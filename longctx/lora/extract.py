@@ -41,6 +41,7 @@ from longctx.errors import LongctxError
 from longctx.lora import adapter_format
 from longctx.lora.lowrank import FactorStats, factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
+from longctx.models.dtypes import DTYPE_NAMES, torch_dtype
 from longctx.models.metadata import read_metadata, write_metadata
 from longctx.models.writer import SafetensorsWriter
 
@@ -51,7 +52,6 @@ COMPARE_BLOCK_BYTES = 64 * 1024**2
 DEFAULT_RANK = 64
 EMBEDDING_POLICIES = ("full", "lora", "skip")
 VOCAB_POLICIES = ("error", "keep-base")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -86,8 +86,8 @@ class ExtractionSettings:
             raise LongctxError(f"--embeddings must be one of {', '.join(EMBEDDING_POLICIES)}, got {self.embeddings!r}")
         if self.vocab_policy not in VOCAB_POLICIES:
             raise LongctxError(f"--vocab-policy must be one of {', '.join(VOCAB_POLICIES)}, got {self.vocab_policy!r}")
-        if self.dtype not in DTYPES:
-            raise LongctxError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise LongctxError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.workers is None:
             self.workers = available_cpus()
         if self.workers <= 0:
@@ -388,7 +388,7 @@ def factor_delta(delta: torch.Tensor, settings: ExtractionSettings, *, generator
             factors = factor_fixed_rank(delta, settings.rank, generator=generator)
         else:
             factors = factor_for_energy(delta, settings.energy, max_rank=settings.max_rank, generator=generator)
-        out_dtype = DTYPES[settings.dtype]
+        out_dtype = torch_dtype(settings.dtype)
         a, b = factors.A.to(out_dtype), factors.B.to(out_dtype)
     with tally.timing("measure error"):
         stats = residual_stats(delta, a, b, total_energy=total)
@@ -442,7 +442,7 @@ class _Extractor:
     def __init__(self, base: TensorReader, extended: TensorReader, layout: ModelLayout, settings: ExtractionSettings,
                  writer: SafetensorsWriter):
         self.base, self.extended, self.layout, self.settings, self.writer = base, extended, layout, settings, writer
-        self.out_dtype = DTYPES[settings.dtype]
+        self.out_dtype = torch_dtype(settings.dtype)
         self.modules: dict[str, dict] = {}  # module -> its report entry
         self.ranks: dict[str, int] = {}  # every module with LoRA factors -> rank
         self.lora_targets: set[str] = set()  # the linear ones (lora_A/B; not lora_embedding_A/B)
@@ -608,13 +608,10 @@ class _Extractor:
 
     def write_factors(self, module: str, factored: FactoredDelta) -> None:
         is_embedding = self.layout.module_kind[module] == "embedding"
-        if is_embedding:
-            self.writer.write(adapter_format.lora_key(module, "lora_embedding_A"), factored.A)
-            self.writer.write(adapter_format.lora_key(module, "lora_embedding_B"), factored.B)
-        else:
+        if not is_embedding:
             self.lora_targets.add(module)
-            self.writer.write(adapter_format.lora_key(module, "lora_A.weight"), factored.A)
-            self.writer.write(adapter_format.lora_key(module, "lora_B.weight"), factored.B)
+        self.writer.write(adapter_format.lora_key(module, "A", embedding=is_embedding), factored.A)
+        self.writer.write(adapter_format.lora_key(module, "B", embedding=is_embedding), factored.B)
         self.ranks[module] = factored.stats.rank
         self.entry(
             module,
@@ -648,8 +645,8 @@ class _Extractor:
 
     def add_zero_lora(self, module: str, method: str) -> None:
         out_features, in_features = self.base.shape(f"{module}.weight")
-        self.writer.write(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
-        self.writer.write(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
+        self.writer.write(adapter_format.lora_key(module, "A"), torch.zeros(1, in_features, dtype=self.out_dtype))
+        self.writer.write(adapter_format.lora_key(module, "B"), torch.zeros(out_features, 1, dtype=self.out_dtype))
         self.lora_targets.add(module)
         self.ranks[module] = 1
         self.entry(module, kind="lora", shape=[out_features, in_features], rank=1, method=method)
@@ -679,7 +676,7 @@ class _Extractor:
             bias = self.bias_deltas.get(module)
             if bias is None:
                 bias = torch.zeros(self.base.shape(f"{module}.weight")[0])
-            self.writer.write(adapter_format.lora_key(module, "lora_B.bias"), bias.to(self.out_dtype))
+            self.writer.write(adapter_format.lora_key(module, "bias"), bias.to(self.out_dtype))
 
 
 def extract_lora(
@@ -827,9 +824,6 @@ def summarize(modules: list[dict], adapter_bytes: int, seconds: float, errors: l
 # mergekit engine, which runs mergekit-extract-lora and adds what it lacks.
 
 
-LORA_PARTS = (("lora_A.weight", "lora_B.weight", False), ("lora_embedding_A", "lora_embedding_B", True))
-
-
 def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir: str | Path, *, allow_pickle: bool = False,
                     show_progress: bool = False) -> list[dict]:
     """Per LoRA module of an adapter: rank and measured ||dW - scaling * B A|| / ||dW||."""
@@ -845,14 +839,13 @@ def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir:
     with safe_open(weights, framework="pt") as adapter, \
             TensorReader(resolve_model(base_dir), allow_pickle=allow_pickle) as base, \
             TensorReader(resolve_model(extended_dir), allow_pickle=allow_pickle) as extended:
-        prefix = adapter_format.KEY_PREFIX
-        pairs = {}
+        factors = {}  # module -> (A key, B key, of an embedding)
         for key in adapter.keys():
-            for a_part, b_part, is_embedding in LORA_PARTS:
-                if key.endswith("." + a_part):
-                    module = key[len(prefix):-len(a_part) - 1]
-                    pairs[module] = (key, key[: -len(a_part)] + b_part, is_embedding)
-        for module, (a_key, b_key, is_embedding) in tqdm(sorted(pairs.items()), desc="measure", disable=not show_progress):
+            part = adapter_format.split_lora_key(key.removeprefix(adapter_format.KEY_PREFIX))
+            if part is not None and part[1] == "A":
+                module, _, is_embedding = part
+                factors[module] = (key, adapter_format.lora_key(module, "B", embedding=is_embedding), is_embedding)
+        for module, (a_key, b_key, is_embedding) in tqdm(sorted(factors.items()), desc="measure", disable=not show_progress):
             name = f"{module}.weight"
             delta = extended.get(name).float() - base.get(name).float()
             if is_embedding:

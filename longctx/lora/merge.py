@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,7 +41,9 @@ from longctx.lora.adapter_format import (
     module_rank_alpha,
     module_scaling,
     read_adapter_config,
+    split_lora_key,
 )
+from longctx.models.dtypes import DTYPE_NAMES, dtype_name, torch_dtype
 from longctx.models.metadata import read_metadata, write_metadata
 from longctx.models.output import atomic_output_dir, check_output_free, copy_auxiliary_files, read_json, write_json
 from longctx.models.tensors import TensorReader
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 
 # PEFT initialisations that change the base weights: such an adapter only fits its own residual base.
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # ---------------------------------------------------------------------------------------
 # Adapters
@@ -162,15 +160,6 @@ def _load_adapter_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, to
     raise LongctxError(f"{adapter_dir} has no adapter weights: expected {ADAPTER_WEIGHTS}")
 
 
-_LORA_PARTS = {
-    ".lora_A.weight": ("A", False),
-    ".lora_B.weight": ("B", False),
-    ".lora_B.bias": ("bias", False),
-    ".lora_embedding_A": ("A", True),
-    ".lora_embedding_B": ("B", True),
-}
-
-
 def load_adapter(adapter_dir: str | Path, *, allow_pickle: bool = False) -> Adapter:
     """Read and validate one PEFT LoRA adapter directory."""
     adapter_dir = Path(adapter_dir)
@@ -188,10 +177,9 @@ def load_adapter(adapter_dir: str | Path, *, allow_pickle: bool = False) -> Adap
         if not key.startswith(KEY_PREFIX):
             raise LongctxError(f"{adapter_dir}: unexpected tensor {key} (PEFT keys start with {KEY_PREFIX}); the adapter is not in PEFT's format")
         name = key[len(KEY_PREFIX):]
-        part = next((suffix for suffix in _LORA_PARTS if name.endswith(suffix)), None)
-        if part is not None:
-            module = name[: -len(part)]
-            role, embedding = _LORA_PARTS[part]
+        lora_part = split_lora_key(name)
+        if lora_part is not None:
+            module, role, embedding = lora_part
             parts.setdefault(module, {})[role] = tensor
             if embedding:
                 embedding_modules.add(module)
@@ -482,16 +470,12 @@ class MergeResult:
     seconds: float
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None or name == "auto":
         return None
-    if name not in DTYPES:
-        raise LongctxError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)} or auto (the base model's)")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise LongctxError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)} or auto (the base model's)")
+    return torch_dtype(name)
 
 
 def resolve_device(device: str) -> str:
@@ -615,28 +599,3 @@ def merge_adapters(
         warnings=plan.warnings,
         seconds=time.perf_counter() - started,
     )
-
-
-def require_hub() -> None:
-    """Fail fast, before any work, when --push_to_hub cannot reach the hub."""
-    from longctx.models.reference import hub_reachable
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline or not hub_reachable():
-        raise LongctxError(
-            "--push_to_hub: cannot reach the Hugging Face hub from here; drop --push_to_hub to write the merged "
-            "model locally and upload it later with `hf upload`"
-        )
-
-
-def push_to_hub(output_dir: str | Path, repo_id: str) -> str:
-    """Upload a merged model directory to the hub as a private repository (the old script's --push_to_hub)."""
-    from huggingface_hub import HfApi
-
-    try:
-        api = HfApi()
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(folder_path=str(output_dir), repo_id=repo_id)
-    except Exception as error:
-        raise LongctxError(f"--push_to_hub: upload of {output_dir} to {repo_id} failed: {error}") from error
-    return repo_id

@@ -132,9 +132,14 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return bool(result and result[0])
 
 
-def download_from_hub(repo_id: str) -> Path:
+def hub_available() -> bool:
+    """Whether the hub can be used: HF_HUB_OFFLINE is not set and the hub answers."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline or not hub_reachable():
+    return not offline and hub_reachable()
+
+
+def download_from_hub(repo_id: str) -> Path:
+    if not hub_available():
         raise LongctxError(
             f"cannot reach the Hugging Face hub to fetch {repo_id}; download it where the hub is reachable "
             "and pass the local directory"
@@ -150,6 +155,19 @@ def download_from_hub(repo_id: str) -> Path:
         )
     except Exception as error:
         raise LongctxError(f"cannot download {repo_id} from the hub: {error}") from error
+
+
+def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
+    """Upload a model directory to the hub as a private repository (merge_adapters' --push_to_hub)."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=True, exist_ok=True)
+        api.upload_folder(folder_path=str(model_dir), repo_id=repo_id)
+    except Exception as error:
+        raise LongctxError(f"--push_to_hub: upload of {model_dir} to {repo_id} failed: {error}") from error
+    return repo_id
 
 
 def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu", **model_kwargs):
