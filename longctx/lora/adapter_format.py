@@ -1,5 +1,8 @@
 """PEFT's LoRA on-disk format, followed exactly (peft/tuners/lora, peft/utils/save_and_load.py).
 
+What the files hold and how their names and fields are spelled; nothing here imports torch
+or peft. The adapter read into memory (config semantics, the factors) is longctx.lora.adapter.
+
 An adapter directory holds adapter_config.json and adapter_model.safetensors with keys
   base_model.model.<module>.lora_A.weight            (r x in)
   base_model.model.<module>.lora_B.weight            (out x r)
@@ -13,7 +16,6 @@ come from rank_pattern / alpha_pattern when a key there matches the module name.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def base_layer_key(base_tensor: str) -> str:
     return f"{KEY_PREFIX}{module}.base_layer.{leaf}"
 
 
-def pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict | None, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key k with module ~ (.*\\.)?(k)$."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -68,15 +70,21 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    rank = pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-    return int(rank), float(alpha)
+def rank_fields(ranks: dict[str, int]) -> dict:
+    """r, lora_alpha, rank_pattern and alpha_pattern for per-module ranks, with scaling 1
+    (lora_alpha = r for every module).
 
-
-def module_scaling(config: dict, module: str) -> float:
-    rank, alpha = module_rank_alpha(config, module)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    r is the most common rank (ties: the largest), so rank_pattern lists only the exceptions,
+    as few as any choice of r allows: the config stays short and PEFT, which tries every
+    pattern key on every module it wraps, has the fewest to try. Pattern keys are escaped
+    full module names, which PEFT matches literally.
+    """
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    default_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
+    exceptions = {re.escape(module): rank for module, rank in ranks.items() if rank != default_rank}
+    return {"r": default_rank, "lora_alpha": default_rank, "rank_pattern": exceptions, "alpha_pattern": dict(exceptions)}
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -95,24 +103,12 @@ def lora_adapter_config(
     lora_bias: bool = False,
     ensure_weight_tying: bool = False,
 ) -> dict:
-    """adapter_config.json for extracted factors: scaling 1 everywhere (lora_alpha = r per module).
-
-    `r` is the most common rank (ties: the largest), so rank_pattern lists only the
-    exceptions; pattern keys are escaped full module names, matched literally by PEFT.
-    """
-    counts: dict[int, int] = {}
-    for rank in ranks.values():
-        counts[rank] = counts.get(rank, 0) + 1
-    default_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
-    exceptions = {re.escape(module): rank for module, rank in ranks.items() if rank != default_rank}
+    """adapter_config.json for extracted factors: scaling 1 everywhere (see rank_fields)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": default_rank,
-        "lora_alpha": default_rank,
-        "rank_pattern": exceptions,
-        "alpha_pattern": dict(exceptions),
+        **rank_fields(ranks),
         "target_modules": sorted(target_modules),
         "modules_to_save": sorted(modules_to_save) if modules_to_save else None,
         "lora_dropout": 0.0,

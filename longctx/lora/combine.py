@@ -20,22 +20,30 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from longctx.errors import LongctxError
-from longctx.lora.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_layer_key, full_module_key, lora_key
-from longctx.lora.merge import (
+from longctx.lora.adapter import (
     Adapter,
     LoraFactors,
     RopeSettings,
     adapter_rope_settings,
     check_weights,
     load_adapters,
+    stack_factors,
     warn_saved_twice,
+)
+from longctx.lora.adapter_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    base_layer_key,
+    full_module_key,
+    lora_key,
+    rank_fields,
+    read_adapter_config,
 )
 from longctx.models.metadata import write_metadata
 from longctx.models.output import atomic_output_dir, check_output_free, write_json
@@ -110,13 +118,6 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     rank = min(rank, S.numel())
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
-
-
-def stack_factors(entries: list[tuple[float, LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with B @ A = Σ w_i s_i B_i A_i exactly (PEFT's cat)."""
-    A = torch.cat([factors.A.float() * (weight * factors.scaling) for weight, factors in entries], dim=0)
-    B = torch.cat([factors.B.float() for _, factors in entries], dim=1)
-    return A, B
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -250,15 +251,10 @@ def combine_adapters(
 
 
 def combined_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str]) -> dict:
-    """The first adapter's config with scaling 1 everywhere and exactly the combined modules targeted."""
-    config = dict(adapters[0].config)
-    top = max(ranks.values(), default=1)
-    patterns = {re.escape(module): rank for module, rank in ranks.items() if rank != top}
+    """The first adapter's config file with scaling 1 everywhere (rank_fields) and exactly the combined modules targeted."""
+    config = read_adapter_config(adapters[0].path)
     config.update(
-        r=top,
-        lora_alpha=top,
-        rank_pattern=patterns,
-        alpha_pattern=dict(patterns),
+        **rank_fields(ranks),
         use_rslora=False,
         target_modules=sorted(ranks),
         modules_to_save=modules_to_save or None,

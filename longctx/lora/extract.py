@@ -39,6 +39,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.lora import adapter_format
+from longctx.lora.adapter import module_scaling, read_lora_config
 from longctx.lora.lowrank import FactorStats, factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
 from longctx.models.dtypes import DTYPE_NAMES, torch_dtype
@@ -831,7 +832,7 @@ def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir:
     from tqdm.auto import tqdm
 
     adapter_dir = Path(adapter_dir)
-    config = adapter_format.read_adapter_config(adapter_dir)
+    config = read_lora_config(adapter_dir)
     weights = adapter_dir / adapter_format.ADAPTER_WEIGHTS
     if not weights.is_file():
         raise LongctxError(f"{adapter_dir} has no {adapter_format.ADAPTER_WEIGHTS}")
@@ -850,7 +851,7 @@ def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir:
             delta = extended.get(name).float() - base.get(name).float()
             if is_embedding:
                 delta = delta.T
-            scaling = adapter_format.module_scaling(config, module)
+            scaling = module_scaling(config, module)
             a = adapter.get_tensor(a_key).float()
             b = adapter.get_tensor(b_key).float() * scaling
             with _cpu_threads(1):
@@ -864,7 +865,7 @@ def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir:
                 "retained_energy": round(stats.retained_energy, 8) if stats else None,
                 "relative_error": stats.relative_error if stats else None,
             })
-    for module in config.get("modules_to_save") or []:
+    for module in config.modules_to_save or []:
         entries.append({"module": module, "kind": "modules_to_save"})
     return entries
 
