@@ -2,7 +2,7 @@
 
 For each pair, both tools run in their own subprocess under GNU time (wall, peak RSS; CPU
 time from the children's rusage); each adapter's reconstruction error ||dW - BA|| / ||dW||
-is then measured by the same code (longctx.lora.extract.measure_adapter) over every LoRA
+is then measured by the same code (longctx.lora.measure.measure_adapter) over every LoRA
 module. longctx's run is broken down into start-up (imports; the floor is measured:
 `python -c "import torch"`), set-up and the tensor pass with its phases, from the
 timings in its extraction_report.json.
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from common import LLAMA_32_1B, partial_dir, run_measured, write_random_llama
 
-from longctx.lora.extract import measure_adapter
+from longctx.lora.measure import measure_adapter
 from longctx.models import (
     TensorReader,
     copy_auxiliary_files,

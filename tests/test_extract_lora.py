@@ -11,7 +11,8 @@ from test_lowrank import single_thread  # noqa: F401  (autouse: small LAPACK cal
 
 from longctx.cli import main
 from longctx.errors import LongctxError
-from longctx.lora.extract import REPORT_FILE, extract_lora, extract_lora_with_mergekit
+from longctx.lora.extract import REPORT_FILE, extract_lora
+from longctx.lora.mergekit import extract_lora_with_mergekit
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 YARN_X4 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
@@ -340,6 +341,9 @@ def test_mergekit_engine_adds_sidecar_and_measured_report(pair, tmp_path):
     assert_same_weights(merged_through_peft(base, tmp_path / "mk"), load(extended), atol=1e-5)
     with pytest.raises(LongctxError, match="fixed --rank only"):
         extract_lora_with_mergekit(base, extended, tmp_path / "mk2", energy=0.9, show_progress=False)
+    with pytest.raises(LongctxError, match="does not support --dtype, --seed; use --engine longctx"):
+        extract_lora_with_mergekit(base, extended, tmp_path / "mk2", rank=3, dtype="bfloat16", seed=1, show_progress=False)
+    assert not (tmp_path / "mk2").exists()
 
 
 @pytest.mark.slow
@@ -399,7 +403,7 @@ def test_ordered_parallel_map_keeps_order_and_the_memory_budget():
     import threading
     import time
 
-    from longctx.lora.extract import ordered_parallel_map
+    from longctx.lora.threads import ordered_parallel_map
 
     lock, running, peaks = threading.Lock(), {}, []
 
@@ -425,7 +429,7 @@ def test_ordered_parallel_map_keeps_threads_busy_behind_a_slow_item():
     import threading
     import time
 
-    from longctx.lora.extract import ordered_parallel_map
+    from longctx.lora.threads import ordered_parallel_map
 
     finished, done_before_slow = [], []
     lock = threading.Lock()
@@ -453,7 +457,7 @@ def test_ordered_parallel_map_keeps_threads_busy_behind_a_slow_item():
 def test_layout_read_from_the_checkpoint_matches_transformers(tmp_path, model_type, overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx.lora.extract import layout_from_checkpoint, layout_from_transformers
+    from longctx.models.layout import layout_from_checkpoint, layout_from_transformers
 
     config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, **overrides)
@@ -476,7 +480,7 @@ def test_layout_read_from_the_checkpoint_matches_transformers(tmp_path, model_ty
 
 
 def test_layout_falls_back_to_transformers_outside_the_known_decoders():
-    from longctx.lora.extract import layout_from_checkpoint
+    from longctx.models.layout import layout_from_checkpoint
 
     shapes = {"model.embed_tokens.weight": (300, 64), "model.layers.0.mlp.up_proj.weight": (128, 64),
               "model.norm.weight": (64,)}
@@ -490,7 +494,7 @@ def test_llama_pair_is_extracted_without_building_the_model_in_transformers(pair
     def refuse(model_dir):
         raise AssertionError("transformers was asked for the layout")
 
-    monkeypatch.setattr("longctx.lora.extract.layout_from_transformers", refuse)
+    monkeypatch.setattr("longctx.models.layout.layout_from_transformers", refuse)
     base, extended = pair
     extract_lora(base, extended, tmp_path / "adapter", rank=3, show_progress=False)
     assert_same_weights(merged_through_peft(base, tmp_path / "adapter"), load(extended), atol=1e-5)

@@ -80,22 +80,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from longctx.lora.extract import extract_lora, extract_lora_with_mergekit
-
-    common = dict(
-        rank=args.rank, energy=args.energy, max_rank=args.max_rank, target_modules=args.target_modules,
-        embeddings=args.embeddings, device=args.device, overwrite=args.overwrite, show_progress=not args.no_progress,
-    )
     if args.engine == "mergekit":
-        report = extract_lora_with_mergekit(
-            args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
-            allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers, **common,
-        )
+        from longctx.lora.mergekit import extract_lora_with_mergekit as extract
     else:
-        report = extract_lora(
-            args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
-            allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers, **common,
-        )
+        from longctx.lora.extract import extract_lora as extract
+
+    report = extract(
+        args.base, args.extended, args.output, overwrite=args.overwrite, show_progress=not args.no_progress,
+        rank=args.rank, energy=args.energy, max_rank=args.max_rank, target_modules=args.target_modules,
+        embeddings=args.embeddings, vocab_policy=args.vocab_policy, dtype=args.dtype, device=args.device,
+        allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers,
+    )
     print(format_summary(report))
     return 0
 

@@ -62,6 +62,34 @@ def base_layer_key(base_tensor: str) -> str:
     return f"{KEY_PREFIX}{module}.base_layer.{leaf}"
 
 
+def matches_target(module: str, target: str) -> bool:
+    """PEFT's rule for a target_modules list entry: the module's full name or a dotted suffix of it."""
+    return module == target or module.endswith("." + target)
+
+
+def matches_saved(module: str, entry: str) -> bool:
+    """PEFT's rule for a modules_to_save entry: the module's name ends with it."""
+    return module.endswith(entry)
+
+
+def peft_names(selected: set[str], all_modules: list[str], matches) -> list[str]:
+    """Short PEFT names for a set of modules: a last name segment where it matches exactly
+    modules in the set, full names otherwise (so no unintended module is wrapped)."""
+    names: list[str] = []
+    by_segment: dict[str, list[str]] = {}
+    for module in sorted(selected):
+        by_segment.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    for segment, modules in by_segment.items():
+        if all(m in selected for m in all_modules if matches(m, segment)):
+            names.append(segment)
+            continue
+        for module in modules:
+            if not all(m in selected for m in all_modules if matches(m, module)):
+                raise LongctxError(f"module {module} cannot be named for PEFT without also matching other modules")
+            names.append(module)
+    return sorted(names)
+
+
 def pattern_value(patterns: dict | None, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key k with module ~ (.*\\.)?(k)$."""
     for key, value in (patterns or {}).items():
