@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from longctx.commands._args import add_output_arguments, formatter
+from longctx.lora.choices import EMBEDDING_POLICIES, VOCAB_POLICIES
 from longctx.models.dtypes import DTYPE_NAMES
 
 DESCRIPTION = """\
@@ -56,10 +57,10 @@ def register(subparsers) -> None:
     parser.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
     parser.add_argument("--target-modules", nargs="+", metavar="NAME",
                         help="linear layers to decompose, by name or last name segment (default: every linear layer)")
-    parser.add_argument("--embeddings", choices=("full", "lora", "skip"), default="full",
+    parser.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="full",
                         help="embeddings and lm_head: full-rank copies in modules_to_save, LoRA factors, "
                         "or left out (default: %(default)s)")
-    parser.add_argument("--vocab-policy", choices=("error", "keep-base"), default="error",
+    parser.add_argument("--vocab-policy", choices=VOCAB_POLICIES, default="error",
                         help="when vocabulary sizes differ: stop, or keep BASE's vocabulary and drop EXTENDED's "
                         "extra rows (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",

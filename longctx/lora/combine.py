@@ -45,14 +45,12 @@ from longctx.lora.adapter_format import (
     rank_fields,
     read_adapter_config,
 )
+from longctx.lora.choices import COMBINE_METHODS
 from longctx.models.metadata import write_metadata
 from longctx.models.output import atomic_output_dir, check_output_free, write_json
 from longctx.models.writer import write_safetensors
 
 log = logging.getLogger(__name__)
-
-METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
-SVD_METHODS = ("svd", "ties", "dare_linear", "dare_ties")
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,8 +176,8 @@ def combine_adapters(
     """Write one PEFT LoRA adapter combining the given ones (see the module docstring)."""
     from tqdm import tqdm
 
-    if method not in METHODS:
-        raise LongctxError(f"unknown --combine method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in COMBINE_METHODS:
+        raise LongctxError(f"unknown --combine method {method!r}; use one of {', '.join(COMBINE_METHODS)}")
     if not 0 < density <= 1:
         raise LongctxError(f"--density {density} is out of range; give a fraction in (0, 1]")
     if majority_sign not in ("total", "frequency"):

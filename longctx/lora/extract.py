@@ -44,6 +44,7 @@ from longctx.lora.adapter_format import (
     matches_target,
     peft_names,
 )
+from longctx.lora.choices import EMBEDDING_POLICIES, VOCAB_POLICIES
 from longctx.lora.lowrank import FactorStats, factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
 from longctx.lora.threads import available_cpus, cpu_threads, ordered_parallel_map
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
@@ -56,8 +57,6 @@ from longctx.rope.config import rope_settings
 REPORT_FILE = "extraction_report.json"
 COMPARE_BLOCK_BYTES = 64 * 1024**2
 DEFAULT_RANK = 64
-EMBEDDING_POLICIES = ("full", "lora", "skip")
-VOCAB_POLICIES = ("error", "keep-base")
 
 
 @dataclass
