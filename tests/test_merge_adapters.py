@@ -318,6 +318,24 @@ def test_adapter_config_is_read_as_peft_reads_it(tiny_llama, three_adapters, tmp
     assert leftovers(tmp_path, "bad") == []
 
 
+def test_unreadable_inputs_fail_in_one_line(tiny_llama, three_adapters, tmp_path):
+    """A truncated adapter file (safetensors' own error) and a base config transformers cannot
+    read become one-line errors, before anything is written."""
+    truncated = three_adapters[0] / "adapter_model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-64])
+    with pytest.raises(LongctxError, match="adapter_model.safetensors: .*corrupt or truncated"):
+        merge_adapters(tiny_llama, three_adapters[:1], tmp_path / "out", progress=False)
+    no_type = tmp_path / "no-model-type"
+    no_type.mkdir()
+    (no_type / "model.safetensors").symlink_to(tiny_llama / "model.safetensors")
+    config = json.loads((tiny_llama / "config.json").read_text())
+    del config["model_type"]
+    (no_type / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LongctxError, match="cannot read the config of"):
+        merge_adapters(no_type, three_adapters[1:2], tmp_path / "out", progress=False)
+    assert leftovers(tmp_path, "out") == []
+
+
 def test_bad_arguments_fail_before_writing(tiny_llama, three_adapters, tmp_path):
     with pytest.raises(LongctxError, match="2 weights for 1 adapters"):
         merge_adapters(tiny_llama, three_adapters[:1], tmp_path / "out", weights=[1, 2], progress=False)

@@ -233,6 +233,15 @@ def test_unknown_reference_and_unreachable_hub_fail_fast(tmp_path, monkeypatch):
         resolve_model("meta-llama/Meta-Llama-3-8B")
 
 
+def test_unreadable_gguf_fails_in_one_line_and_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 16)
+    with pytest.raises(LongctxError, match="cannot read GGUF file .*bad.gguf"):
+        resolve_model(bad)
+    assert not list((tmp_path / "cache").rglob("config.json"))
+
+
 def test_hub_is_used_only_when_not_offline_and_reachable(monkeypatch):
     from longctx.models import reference
 

@@ -173,12 +173,13 @@ class Adapter:
 
 
 def _load_adapter_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if (adapter_dir / ADAPTER_WEIGHTS).is_file():
         try:
             return load_file(adapter_dir / ADAPTER_WEIGHTS)
-        except Exception as error:  # safetensors raises its own error types
+        except (SafetensorError, OSError) as error:
             raise LongctxError(f"cannot read {adapter_dir / ADAPTER_WEIGHTS}: {error}; the file is corrupt or truncated") from error
     if (adapter_dir / ADAPTER_WEIGHTS_PICKLE).is_file():
         if not allow_pickle:

@@ -302,7 +302,7 @@ def merge_adapters(
     rope, rope_warnings = adapter_rope_settings(adapters)
     try:
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    except Exception as error:
+    except (OSError, ValueError, KeyError) as error:
         raise LongctxError(f"cannot read the config of {base_dir}: {error}") from error
     base_config = read_json(Path(base_dir) / "config.json")
 

@@ -93,7 +93,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except Exception as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:  # what transformers' GGUF reader raises on a bad file
         raise LongctxError(f"cannot read GGUF file {gguf_path}: {error}") from error
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -153,6 +153,9 @@ def download_from_hub(repo_id: str) -> Path:
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"],
             )
         )
+    # Broad on purpose: huggingface_hub's HTTP and transport errors share no base class
+    # (HfHubHTTPError is an OSError, its HTTP client's connection errors are not); each
+    # becomes one line naming the repository, with the cause chained.
     except Exception as error:
         raise LongctxError(f"cannot download {repo_id} from the hub: {error}") from error
 
@@ -165,7 +168,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
         api = HfApi()
         api.create_repo(repo_id, private=True, exist_ok=True)
         api.upload_folder(folder_path=str(model_dir), repo_id=repo_id)
-    except Exception as error:
+    except Exception as error:  # broad on purpose, as in download_from_hub
         raise LongctxError(f"--push_to_hub: upload of {model_dir} to {repo_id} failed: {error}") from error
     return repo_id
 
