@@ -35,7 +35,7 @@ def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 def process_exit_code(code: int) -> int:
     """The exit code of a process about to end, after freezing every live object out of the
     interpreter's final garbage collection: walking the objects that importing torch creates
-    takes 0.4-0.5 s at exit, a tenth of a small extract-lora run. Console scripts only: in
-    a process that goes on (tests), frozen objects would never be collected."""
+    takes a noticeable share of a small run's time at exit. Console scripts only: in a process
+    that goes on (tests), frozen objects would never be collected."""
     gc.freeze()
     return code

@@ -3,7 +3,7 @@ CPU thread count.
 
 extract-lora runs tensor pairs side by side, each torch op on one CPU thread: the cores
 are used by running pairs at once, not by splitting small matrix products across OpenMP
-threads, whose spin-waiting made the factorization 18x slower on a busy 2-core machine.
+threads, whose spin-waiting slows everything down badly on a busy machine.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class ModelLayout:
 
 # Decoder families whose CausalLM is embed_tokens, then layers of nn.Linear projections and
 # 1-D norms, then lm_head: their layout can be read from the checkpoint's names and shapes,
-# which spares importing transformers' modeling code (about 2 s of a 4 s run on SmolLM2).
+# which spares importing transformers' modeling code, a large part of a small model's run.
 CHECKPOINT_LAYOUT_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
