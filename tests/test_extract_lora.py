@@ -400,51 +400,56 @@ def test_parallel_workers_write_the_same_adapter_as_one(tmp_path):
 
 
 def test_ordered_parallel_map_keeps_order_and_the_memory_budget():
+    """Items run side by side (two of them wait for each other at a barrier, which only works
+    with two threads), yet an item costing the whole budget starts only once everything before
+    it has been consumed, and nothing after it starts before it is consumed."""
     import threading
-    import time
 
     from longctx.lora.threads import ordered_parallel_map
 
-    lock, running, peaks = threading.Lock(), {}, []
+    side_by_side = threading.Barrier(2, timeout=30)
+    consumed: list[str] = []
 
     def work(item):
         name, cost = item
-        with lock:
-            running[name] = cost
-            peaks.append((len(running), sum(running.values())))
-        time.sleep(0.02)
-        with lock:
-            del running[name]
+        if name in ("small0", "small1"):
+            side_by_side.wait()  # BrokenBarrierError (the test fails) unless both run at once
+        if name == "large":
+            assert consumed == [f"small{i}" for i in range(6)], consumed
+        if name.startswith("after"):
+            assert "large" in consumed, consumed
         return name
 
     items = [(f"small{i}", 1) for i in range(6)] + [("large", 4)] + [(f"after{i}", 1) for i in range(4)]
-    results = list(ordered_parallel_map(work, items, cost=lambda item: item[1], budget=4, workers=2))
-    assert results == [name for name, _ in items]
-    assert max(count for count, _ in peaks) == 2  # the small ones ran side by side
-    assert max(cost for _, cost in peaks) <= 4  # the large one ran alone
-    assert list(ordered_parallel_map(work, items[:3], cost=lambda item: item[1], budget=4, workers=1)) == ["small0", "small1", "small2"]
+    for result in ordered_parallel_map(work, items, cost=lambda item: item[1], budget=4, workers=2):
+        consumed.append(result)
+    assert consumed == [name for name, _ in items]
+    assert list(ordered_parallel_map(lambda item: item[0], items[:3], cost=lambda item: item[1], budget=4, workers=1)) == [
+        "small0", "small1", "small2"]
 
 
 def test_ordered_parallel_map_keeps_threads_busy_behind_a_slow_item():
+    """With 2 x workers items in flight, the second thread finishes three items while the first,
+    which must be yielded first, is still running: the slow item waits for them (an event, no
+    sleeps), and times out (the test fails) if they never run."""
     import threading
-    import time
 
     from longctx.lora.threads import ordered_parallel_map
 
-    finished, done_before_slow = [], []
-    lock = threading.Lock()
+    lock, finished, three_done = threading.Lock(), [], threading.Event()
 
     def work(name):
-        time.sleep(0.3 if name == "slow" else 0.01)
+        if name == "slow":
+            assert three_done.wait(timeout=30), f"only {finished} ran while the slow item was running"
         with lock:
-            if name == "slow":
-                done_before_slow.extend(finished)
             finished.append(name)
+            if len(finished) == 3:
+                three_done.set()
         return name
 
     items = ["slow"] + [f"fast{i}" for i in range(5)]
     assert list(ordered_parallel_map(work, items, cost=lambda item: 1, budget=10, workers=2)) == items
-    assert len(done_before_slow) == 3  # 2 x workers in flight: the free thread did not wait for the slow one
+    assert finished[:4] == ["fast0", "fast1", "fast2", "slow"]
 
 
 @pytest.mark.parametrize("model_type, overrides", [
