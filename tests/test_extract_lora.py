@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, without_config_key
 from safetensors.torch import load_file
 from test_lowrank import single_thread  # noqa: F401  (autouse: small LAPACK calls on one thread)
 
@@ -267,12 +267,8 @@ def test_incompatible_models_fail_with_one_line_and_nothing_written(tmp_path):
         extract_lora(base, cases["wider"], tmp_path / "out", rank=2, show_progress=False)
     with pytest.raises(LongctxError, match="different architectures"):
         extract_lora(base, cases["deeper"], tmp_path / "out", rank=2, show_progress=False)
-    unnamed = tmp_path / "unnamed"  # a GGUF-converted config names no architecture: still the same model
-    unnamed.mkdir()
-    (unnamed / "model.safetensors").symlink_to(base / "model.safetensors")
-    config = json.loads((base / "config.json").read_text())
-    del config["architectures"]
-    (unnamed / "config.json").write_text(json.dumps(config))
+    # a GGUF-converted config names no architecture: still the same model
+    unnamed = without_config_key(base, tmp_path / "unnamed", "architectures")
     with pytest.raises(LongctxError, match="identical weights"):
         extract_lora(unnamed, base, tmp_path / "out", rank=2, show_progress=False)
     with pytest.raises(LongctxError, match="vocabulary sizes differ.*--vocab-policy keep-base"):

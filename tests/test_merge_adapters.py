@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, without_config_key
 from safetensors.torch import load_file, save_file
 
 from longctx.errors import LongctxError
@@ -325,12 +325,7 @@ def test_unreadable_inputs_fail_in_one_line(tiny_llama, three_adapters, tmp_path
     truncated.write_bytes(truncated.read_bytes()[:-64])
     with pytest.raises(LongctxError, match="adapter_model.safetensors: .*corrupt or truncated"):
         merge_adapters(tiny_llama, three_adapters[:1], tmp_path / "out", progress=False)
-    no_type = tmp_path / "no-model-type"
-    no_type.mkdir()
-    (no_type / "model.safetensors").symlink_to(tiny_llama / "model.safetensors")
-    config = json.loads((tiny_llama / "config.json").read_text())
-    del config["model_type"]
-    (no_type / "config.json").write_text(json.dumps(config))
+    no_type = without_config_key(tiny_llama, tmp_path / "no-model-type", "model_type")
     with pytest.raises(LongctxError, match="cannot read the config of"):
         merge_adapters(no_type, three_adapters[1:2], tmp_path / "out", progress=False)
     assert leftovers(tmp_path, "out") == []
