@@ -185,6 +185,7 @@ def test_writer_copies_tensors_file_to_file_and_checks_the_announced_layout(tmp_
 def test_writer_streams_a_meta_device_layout(tmp_path):
     """A layout announced from a meta-device state dict (shapes, no data), then filled tensor by tensor."""
     from conftest import tiny_llama_config
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from longctx.models import tensor_layout, write_safetensors
@@ -201,6 +202,10 @@ def test_writer_streams_a_meta_device_layout(tmp_path):
     assert write_safetensors(tmp_path / "whole", real, max_shard_bytes=100_000) == writer.files
     for file in writer.files:
         assert (tmp_path / "streamed" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes()
+    (tmp_path / "one").mkdir()
+    write_safetensors(tmp_path / "one", real, max_shard_bytes=None, metadata={"aliases": "{}"})
+    with safe_open(tmp_path / "one" / "model.safetensors", framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "aliases": "{}"} and set(handle.keys()) == set(real)
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):

@@ -1,7 +1,8 @@
 """The one safetensors writer: save_pretrained-style files written one tensor at a time.
 
 Every safetensors file longctx writes goes through `SafetensorsWriter`: merged models,
-extracted and combined adapters, models converted from GGUF, trained models. The output is
+extracted and combined adapters, models converted from GGUF, trained models and training
+checkpoints. The output is
 what save_pretrained writes: one `model.safetensors`, or shards
 `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`; a shard is closed
 before a tensor would take it past max_shard_bytes. Each file has the standard layout: the
@@ -51,9 +52,10 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def write_safetensors(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], *, file_name: str = "model.safetensors",
-                      max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+                      max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None) -> list[str]:
     """Write an in-memory state dict as save_pretrained-style shards; returns the file names."""
-    with SafetensorsWriter(out_dir, tensor_layout(tensors), file_name=file_name, max_shard_bytes=max_shard_bytes) as writer:
+    with SafetensorsWriter(out_dir, tensor_layout(tensors), file_name=file_name, max_shard_bytes=max_shard_bytes,
+                           metadata=metadata) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
     return writer.files
