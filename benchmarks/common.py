@@ -91,14 +91,15 @@ def llama_layout(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def partial_dir(out_dir: Path, max_shard_bytes: int = 1 << 30):
-    """(a fresh <out_dir>.partial, a shard writer into it); rename it to out_dir once complete."""
-    from longctx.models import ShardedSafetensorsWriter
+def partial_dir(out_dir: Path, layout: dict, max_shard_bytes: int = 1 << 30):
+    """(a fresh <out_dir>.partial, a writer into it of the tensors in layout, {name: (shape, dtype)} in order);
+    close the writer, then rename the directory to out_dir once complete."""
+    from longctx.models import SafetensorsWriter
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp, ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+    return tmp, SafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes)
 
 
 def write_random_llama(
@@ -113,13 +114,14 @@ def write_random_llama(
 
     if (directory / "config.json").is_file():
         return directory
-    tmp, writer = partial_dir(directory, max_shard_bytes)
     dtype = getattr(torch, config["dtype"])
+    shapes = llama_layout(config)
+    tmp, writer = partial_dir(directory, {name: (shape, dtype) for name, shape in shapes.items()}, max_shard_bytes)
     generator = torch.Generator().manual_seed(seed)
-    for name, shape in llama_layout(config).items():
-        tensor = torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator)
-        writer.add(name, tensor.to(dtype))
-    writer.close()
+    with writer:
+        for name, shape in shapes.items():
+            tensor = torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator)
+            writer.write(name, tensor.to(dtype))
     write_json(tmp / "config.json", config)
     if tokenizer_source is not None:
         copy_auxiliary_files(tokenizer_source, tmp, skip=("generation_config.json",))

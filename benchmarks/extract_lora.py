@@ -2,7 +2,7 @@
 
 For each pair, both tools run in their own subprocess under GNU time (wall, peak RSS; CPU
 time from the children's rusage); each adapter's reconstruction error ||dW - BA|| / ||dW||
-is then measured by the same code (longctx.lora.extract.measure_adapter) over every LoRA
+is then measured by the same code (longctx.lora.measure.measure_adapter) over every LoRA
 module. longctx's run is broken down into start-up (imports; the floor is measured:
 `python -c "import torch"`), set-up and the tensor pass with its phases, from the
 timings in its extraction_report.json.
@@ -17,7 +17,10 @@ Pairs (generated under --workdir, never in the repo):
            tensor; --llama-layers of its 16 layers (default 16).
 
 Run (heavy: hold the shared lock). One command per pair, or step by step (each step saves
-its figures in <workdir>/<pair>-r<rank>.json; `report` prints the tables):
+its figures in <workdir>/<pair>-r<rank>.json; `report` prints the tables). `--step kernels`
+(no pair) times, on one thread, the two kernels of longctx.lora.lowrank chosen for speed
+against what they replace:
+  flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --step kernels
   flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --pair smollm2 --rank 32 --repeat 3
   for step in generate longctx mergekit measure report; do
     flock /tmp/longctx-heavy.lock .venv/bin/python benchmarks/extract_lora.py --pair llama1b --rank 32 --step $step
@@ -31,12 +34,13 @@ import json
 import resource
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from common import LLAMA_32_1B, partial_dir, run_measured, write_random_llama
 
-from longctx.lora.extract import measure_adapter
+from longctx.lora.measure import measure_adapter
 from longctx.models import (
     TensorReader,
     copy_auxiliary_files,
@@ -86,15 +90,16 @@ def make_extended(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     generator = torch.Generator().manual_seed(seed)
-    tmp, writer = partial_dir(out_dir)
     with TensorReader(base_dir) as base:
-        for name, tensor in base.iter_tensors():
-            if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-                tensor = (tensor.float() + structured_delta(tensor, generator)).to(tensor.dtype)
-            elif name == "model.norm.weight":
-                tensor = (tensor.float() * 1.01).to(tensor.dtype)
-            writer.add(name, tensor)
-    writer.close()
+        tmp, writer = partial_dir(out_dir, {name: (base.shape(name), base.dtype(name)) for name in base.names()})
+        with writer:
+            for name in base.names():
+                tensor = base.get(name)
+                if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+                    tensor = (tensor.float() + structured_delta(tensor, generator)).to(tensor.dtype)
+                elif name == "model.norm.weight":
+                    tensor = (tensor.float() * 1.01).to(tensor.dtype)
+                writer.write(name, tensor)
     config = read_json(base_dir / "config.json")
     original = config["max_position_embeddings"]
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
@@ -198,16 +203,59 @@ def print_tables(result: dict) -> None:
               f"(thread-seconds: {phases}; read {timings['bytes_read'] / 1e6:.0f} MB at {timings['read_mb_per_second']:.0f} MB/s)")
 
 
+def best_seconds(function, repeat: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def print_kernel_figures(repeat: int = 7) -> None:
+    """svd_wide against torch.linalg.svd on a sketch's k x n matrix (k = rank 32 + oversampling 16),
+    and frobenius_sq against a float64 norm (with a plain float32 norm's relative error), on
+    SmolLM2's and Llama-3.2-1B's matrix shapes; one thread, best of `repeat`."""
+    from longctx.lora.lowrank import frobenius_sq, svd_wide
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    print("| k x n | torch.linalg.svd ms | svd_wide ms | svd / svd_wide |")
+    print("|---|---:|---:|---:|")
+    for n in (576, 1536, 2048, 8192):
+        sketch = torch.randn(48, n, generator=generator)
+        lapack = best_seconds(lambda: torch.linalg.svd(sketch, full_matrices=False), repeat)
+        ours = best_seconds(lambda: svd_wide(sketch), repeat)
+        print(f"| 48 x {n} | {lapack * 1e3:.2f} | {ours * 1e3:.2f} | {lapack / ours:.2f}x |")
+    print("\n| matrix | float64 norm ms | frobenius_sq ms | float64 / frobenius_sq | float32 norm rel. error | frobenius_sq rel. error |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for rows, cols in ((1536, 576), (8192, 2048), (128256, 2048)):
+        matrix = torch.randn(rows, cols, generator=generator) * 0.02 + 0.001
+        exact = float(torch.linalg.vector_norm(matrix.double()) ** 2)
+        float64 = best_seconds(lambda: float(torch.linalg.vector_norm(matrix.double()) ** 2), max(2, repeat // 3))
+        ours = best_seconds(lambda: frobenius_sq(matrix), max(2, repeat // 3))
+        plain = float(torch.linalg.vector_norm(matrix)) ** 2
+        print(f"| {rows} x {cols} | {float64 * 1e3:.1f} | {ours * 1e3:.1f} | {float64 / ours:.1f}x "
+              f"| {abs(plain - exact) / exact:.1e} | {abs(frobenius_sq(matrix) - exact) / exact:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", choices=("smollm2", "llama1b"), required=True)
-    parser.add_argument("--step", choices=("all", "generate", "longctx", "mergekit", "measure", "report"), default="all")
+    parser.add_argument("--pair", choices=("smollm2", "llama1b"), help="the model pair (every step but kernels)")
+    parser.add_argument("--step", choices=("all", "generate", "longctx", "mergekit", "measure", "report", "kernels"),
+                        default="all")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--llama-layers", type=int, default=16,
                         help="layers of the Llama-3.2-1B-shaped pair (16 = the real depth)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each tool; the median wall time is reported")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/longctx-bench-extract"))
     args = parser.parse_args()
+    if args.step == "kernels":
+        print_kernel_figures()
+        return
+    if args.pair is None:
+        parser.error("--pair is required (except with --step kernels)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     label, base, extended, dtype = pair_paths(args.pair, args.workdir, args.llama_layers)

@@ -8,13 +8,11 @@ libraries (torch, transformers) inside their functions so `longctx --help` stays
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
-import logging
 import sys
 
 from longctx import __version__
-from longctx.errors import LongctxError
+from longctx.commands._run import process_exit_code, run_parser
 
 COMMAND_MODULES = [
     "longctx.commands.plan",
@@ -50,48 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # a command still being built; tests check that every command is present
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 
-def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse argv, run the chosen command, and turn LongctxError into a one-line error."""
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(message)s",
-    )
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    try:
-        result = args.func(args)
-    except LongctxError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
-
-
-def process_exit_code(code: int) -> int:
-    """The exit code of a process about to end, after freezing every live object out of the
-    interpreter's final garbage collection: walking the objects that importing torch creates
-    takes 0.4-0.5 s at exit, a tenth of a small extract-lora run. Console scripts only: in
-    a process that goes on (tests), frozen objects would never be collected."""
-    gc.freeze()
-    return code
+    return run_parser(build_parser(), argv)
 
 
 def console_main() -> int:

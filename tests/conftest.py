@@ -68,6 +68,18 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, dtype=torch.float32, max
     return Path(path)
 
 
+def without_config_key(model_dir: Path, dest: Path, key: str) -> Path:
+    """dest: model_dir's weights (symlinked) with `key` removed from its config.json."""
+    import json
+
+    dest.mkdir()
+    (dest / "model.safetensors").symlink_to(Path(model_dir) / "model.safetensors")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    del config[key]
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 @pytest.fixture
 def tiny_llama(tmp_path) -> Path:
     return make_tiny_llama(tmp_path / "tiny-llama")

@@ -15,6 +15,12 @@ def test_every_command_is_registered():
     assert len(COMMAND_MODULES) == len(COMMANDS)
 
 
+def test_a_missing_command_module_is_an_error(monkeypatch):
+    monkeypatch.setattr("longctx.cli.COMMAND_MODULES", [*COMMAND_MODULES, "longctx.commands.no_such_command"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_command"):
+        build_parser()
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_help_explains_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -36,10 +42,3 @@ def test_help_imports_no_torch():
     code = "import sys; from longctx.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-
-
-def test_command_copies_of_method_lists_agree():
-    from longctx.commands.merge_adapters import COMBINE_METHODS
-    from longctx.lora.combine import METHODS
-
-    assert COMBINE_METHODS == METHODS

@@ -46,7 +46,7 @@ def peft_combined_deltas(base_dir, adapters, weights, combination_type, **kwargs
 
 
 def our_deltas(adapter_dir) -> dict[str, torch.Tensor]:
-    from longctx.lora.merge import load_adapter
+    from longctx.lora.adapter import load_adapter
 
     adapter = load_adapter(adapter_dir)
     deltas = {}
@@ -132,6 +132,23 @@ def test_modules_to_save_and_rope_metadata_carried(tiny_llama, tmp_path):
     # PEFT reads the per-module ranks (rank_pattern) and the saved lm_head of the combined adapter the same way
     assert_same_weights(peft_merge(tiny_llama, [tmp_path / "combined"]), load_merged(tmp_path / "direct"), tolerance=1e-6)
     assert json.loads((tmp_path / "via-combined" / "config.json").read_text())["max_position_embeddings"] == 1024
+
+
+def test_combined_config_takes_the_most_common_rank(tiny_llama, tmp_path):
+    """r is the rank most modules have, so rank_pattern lists only the others (as extract-lora's
+    configs do); PEFT reads the per-module ranks back exactly."""
+    from longctx.lora.adapter_format import rank_fields
+
+    a0 = make_adapter(tiny_llama, tmp_path / "a0", seed=1, r=2, target_modules=["q_proj", "k_proj", "v_proj"])
+    a1 = make_adapter(tiny_llama, tmp_path / "a1", seed=2, r=8, lora_alpha=4, target_modules=["o_proj"])
+    combine_adapters([a0, a1], tmp_path / "cat", method="cat", progress=False)
+    config = json.loads((tmp_path / "cat" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 2
+    o_proj = {f"model\\.layers\\.{i}\\.self_attn\\.o_proj": 8 for i in range(2)}
+    assert config["rank_pattern"] == config["alpha_pattern"] == o_proj
+    merge_adapters(tiny_llama, [a0, a1], tmp_path / "direct", progress=False)
+    assert_same_weights(peft_merge(tiny_llama, [tmp_path / "cat"]), load_merged(tmp_path / "direct"), tolerance=1e-6)
+    assert rank_fields({"a": 2, "b": 4})["r"] == 4  # a tie goes to the larger rank
 
 
 def test_combine_errors_leave_nothing(two_adapters, tiny_llama, tmp_path):

@@ -5,13 +5,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, without_config_key
 from safetensors.torch import load_file
 from test_lowrank import single_thread  # noqa: F401  (autouse: small LAPACK calls on one thread)
 
 from longctx.cli import main
 from longctx.errors import LongctxError
-from longctx.lora.extract import REPORT_FILE, extract_lora, extract_lora_with_mergekit
+from longctx.lora.extract import REPORT_FILE, extract_lora
+from longctx.lora.mergekit import extract_lora_with_mergekit
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 YARN_X4 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
@@ -266,12 +267,8 @@ def test_incompatible_models_fail_with_one_line_and_nothing_written(tmp_path):
         extract_lora(base, cases["wider"], tmp_path / "out", rank=2, show_progress=False)
     with pytest.raises(LongctxError, match="different architectures"):
         extract_lora(base, cases["deeper"], tmp_path / "out", rank=2, show_progress=False)
-    unnamed = tmp_path / "unnamed"  # a GGUF-converted config names no architecture: still the same model
-    unnamed.mkdir()
-    (unnamed / "model.safetensors").symlink_to(base / "model.safetensors")
-    config = json.loads((base / "config.json").read_text())
-    del config["architectures"]
-    (unnamed / "config.json").write_text(json.dumps(config))
+    # a GGUF-converted config names no architecture: still the same model
+    unnamed = without_config_key(base, tmp_path / "unnamed", "architectures")
     with pytest.raises(LongctxError, match="identical weights"):
         extract_lora(unnamed, base, tmp_path / "out", rank=2, show_progress=False)
     with pytest.raises(LongctxError, match="vocabulary sizes differ.*--vocab-policy keep-base"):
@@ -340,27 +337,31 @@ def test_mergekit_engine_adds_sidecar_and_measured_report(pair, tmp_path):
     assert_same_weights(merged_through_peft(base, tmp_path / "mk"), load(extended), atol=1e-5)
     with pytest.raises(LongctxError, match="fixed --rank only"):
         extract_lora_with_mergekit(base, extended, tmp_path / "mk2", energy=0.9, show_progress=False)
+    with pytest.raises(LongctxError, match="does not support --dtype, --seed; use --engine longctx"):
+        extract_lora_with_mergekit(base, extended, tmp_path / "mk2", rank=3, dtype="bfloat16", seed=1, show_progress=False)
+    assert not (tmp_path / "mk2").exists()
 
 
 @pytest.mark.slow
 def test_real_default_model_round_trip(default_model_dir, tmp_path):
     """SmolLM2-135M with rank-4 deltas in two layers: base + adapter gives EXTENDED's logits."""
-    from longctx.models import ShardedSafetensorsWriter, TensorReader, copy_auxiliary_files, read_json, write_json
+    from longctx.models import SafetensorsWriter, TensorReader, copy_auxiliary_files, read_json, write_json
     from longctx.rope.config import apply_rope_settings
 
     extended = tmp_path / "extended"
     extended.mkdir()
     generator = torch.Generator().manual_seed(0)
-    writer = ShardedSafetensorsWriter(extended, max_shard_bytes=200 * 1024**2)
-    with TensorReader(default_model_dir) as reader:
-        for name, tensor in reader.iter_tensors():
+    with TensorReader(default_model_dir) as reader, SafetensorsWriter(
+            extended, {name: (reader.shape(name), reader.dtype(name)) for name in reader.names()},
+            max_shard_bytes=200 * 1024**2) as writer:
+        for name in reader.names():
+            tensor = reader.get(name)
             changed = name.startswith(("model.layers.0.", "model.layers.7.")) and name.endswith(
                 ("q_proj.weight", "v_proj.weight", "down_proj.weight"))
             if changed:
                 left = torch.randn(tensor.shape[0], 4, generator=generator)
                 tensor = tensor + 0.02 * left @ torch.randn(4, tensor.shape[1], generator=generator)
-            writer.add(name, tensor)
-    writer.close()
+            writer.write(name, tensor)
     config = read_json(default_model_dir / "config.json")
     rope = {"rope_type": "yarn", "rope_theta": 100000.0, "factor": 4.0, "original_max_position_embeddings": 8192}
     write_json(extended / "config.json", apply_rope_settings(config, rope, 32768))
@@ -395,51 +396,56 @@ def test_parallel_workers_write_the_same_adapter_as_one(tmp_path):
 
 
 def test_ordered_parallel_map_keeps_order_and_the_memory_budget():
+    """Items run side by side (two of them wait for each other at a barrier, which only works
+    with two threads), yet an item costing the whole budget starts only once everything before
+    it has been consumed, and nothing after it starts before it is consumed."""
     import threading
-    import time
 
-    from longctx.lora.extract import ordered_parallel_map
+    from longctx.lora.threads import ordered_parallel_map
 
-    lock, running, peaks = threading.Lock(), {}, []
+    side_by_side = threading.Barrier(2, timeout=30)
+    consumed: list[str] = []
 
     def work(item):
         name, cost = item
-        with lock:
-            running[name] = cost
-            peaks.append((len(running), sum(running.values())))
-        time.sleep(0.02)
-        with lock:
-            del running[name]
+        if name in ("small0", "small1"):
+            side_by_side.wait()  # BrokenBarrierError (the test fails) unless both run at once
+        if name == "large":
+            assert consumed == [f"small{i}" for i in range(6)], consumed
+        if name.startswith("after"):
+            assert "large" in consumed, consumed
         return name
 
     items = [(f"small{i}", 1) for i in range(6)] + [("large", 4)] + [(f"after{i}", 1) for i in range(4)]
-    results = list(ordered_parallel_map(work, items, cost=lambda item: item[1], budget=4, workers=2))
-    assert results == [name for name, _ in items]
-    assert max(count for count, _ in peaks) == 2  # the small ones ran side by side
-    assert max(cost for _, cost in peaks) <= 4  # the large one ran alone
-    assert list(ordered_parallel_map(work, items[:3], cost=lambda item: item[1], budget=4, workers=1)) == ["small0", "small1", "small2"]
+    for result in ordered_parallel_map(work, items, cost=lambda item: item[1], budget=4, workers=2):
+        consumed.append(result)
+    assert consumed == [name for name, _ in items]
+    assert list(ordered_parallel_map(lambda item: item[0], items[:3], cost=lambda item: item[1], budget=4, workers=1)) == [
+        "small0", "small1", "small2"]
 
 
 def test_ordered_parallel_map_keeps_threads_busy_behind_a_slow_item():
+    """With 2 x workers items in flight, the second thread finishes three items while the first,
+    which must be yielded first, is still running: the slow item waits for them (an event, no
+    sleeps), and times out (the test fails) if they never run."""
     import threading
-    import time
 
-    from longctx.lora.extract import ordered_parallel_map
+    from longctx.lora.threads import ordered_parallel_map
 
-    finished, done_before_slow = [], []
-    lock = threading.Lock()
+    lock, finished, three_done = threading.Lock(), [], threading.Event()
 
     def work(name):
-        time.sleep(0.3 if name == "slow" else 0.01)
+        if name == "slow":
+            assert three_done.wait(timeout=30), f"only {finished} ran while the slow item was running"
         with lock:
-            if name == "slow":
-                done_before_slow.extend(finished)
             finished.append(name)
+            if len(finished) == 3:
+                three_done.set()
         return name
 
     items = ["slow"] + [f"fast{i}" for i in range(5)]
     assert list(ordered_parallel_map(work, items, cost=lambda item: 1, budget=10, workers=2)) == items
-    assert len(done_before_slow) == 3  # 2 x workers in flight: the free thread did not wait for the slow one
+    assert finished[:4] == ["fast0", "fast1", "fast2", "slow"]
 
 
 @pytest.mark.parametrize("model_type, overrides", [
@@ -452,7 +458,7 @@ def test_ordered_parallel_map_keeps_threads_busy_behind_a_slow_item():
 def test_layout_read_from_the_checkpoint_matches_transformers(tmp_path, model_type, overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx.lora.extract import layout_from_checkpoint, layout_from_transformers
+    from longctx.models.layout import layout_from_checkpoint, layout_from_transformers
 
     config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, **overrides)
@@ -475,7 +481,7 @@ def test_layout_read_from_the_checkpoint_matches_transformers(tmp_path, model_ty
 
 
 def test_layout_falls_back_to_transformers_outside_the_known_decoders():
-    from longctx.lora.extract import layout_from_checkpoint
+    from longctx.models.layout import layout_from_checkpoint
 
     shapes = {"model.embed_tokens.weight": (300, 64), "model.layers.0.mlp.up_proj.weight": (128, 64),
               "model.norm.weight": (64,)}
@@ -489,7 +495,7 @@ def test_llama_pair_is_extracted_without_building_the_model_in_transformers(pair
     def refuse(model_dir):
         raise AssertionError("transformers was asked for the layout")
 
-    monkeypatch.setattr("longctx.lora.extract.layout_from_transformers", refuse)
+    monkeypatch.setattr("longctx.models.layout.layout_from_transformers", refuse)
     base, extended = pair
     extract_lora(base, extended, tmp_path / "adapter", rank=3, show_progress=False)
     assert_same_weights(merged_through_peft(base, tmp_path / "adapter"), load(extended), atol=1e-5)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, without_config_key
 from safetensors.torch import load_file, save_file
 
 from longctx.errors import LongctxError
@@ -101,7 +101,7 @@ def test_equals_peft_sequential_merge(tiny_llama, three_adapters, tmp_path, capl
 def test_every_embedding_delta_is_kept(tiny_llama, tmp_path):
     """PEFT loads each embedding adapter's saved copy of the embedding over the model's, erasing earlier
     adapters' embedding deltas; we add every delta to the base's embedding (and warn when a copy differs)."""
-    from longctx.lora.merge import load_adapter
+    from longctx.lora.adapter import load_adapter
 
     adapters = [
         make_adapter(tiny_llama, tmp_path / f"e{i}", seed=20 + i, r=2 + i, target_modules=["embed_tokens", "q_proj"]) for i in range(2)
@@ -295,6 +295,39 @@ def test_bad_adapters_fail_before_writing(tiny_llama, three_adapters, tmp_path, 
     bad = make_bad(tiny_llama, tmp_path)
     with pytest.raises(LongctxError, match=message):
         merge_adapters(tiny_llama, [three_adapters[0], bad], tmp_path / "out", progress=False)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_adapter_config_is_read_as_peft_reads_it(tiny_llama, three_adapters, tmp_path, caplog):
+    """PEFT's defaults fill in missing fields, a key written by a newer PEFT is dropped with a
+    warning (as PeftModel.from_pretrained drops it), and a config PEFT rejects fails in one
+    line before anything is written."""
+    adapter = three_adapters[1]  # lora_alpha 16, rslora, rank and alpha patterns
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["lora_alpha"]  # PEFT's default, 8, applies
+    config["a_field_from_a_newer_peft"] = {"enabled": True}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    merge_adapters(tiny_llama, [adapter], tmp_path / "merged", progress=False)
+    assert_same_weights(load_merged(tmp_path / "merged"), peft_merge(tiny_llama, [adapter]))
+    assert "a_field_from_a_newer_peft" in caplog.text
+
+    config["layers_pattern"] = "layers"  # without layers_to_transform, which PEFT requires with it
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LongctxError, match="not a valid LoRA config.*layers_to_transform"):
+        merge_adapters(tiny_llama, [adapter], tmp_path / "bad", progress=False)
+    assert leftovers(tmp_path, "bad") == []
+
+
+def test_unreadable_inputs_fail_in_one_line(tiny_llama, three_adapters, tmp_path):
+    """A truncated adapter file (safetensors' own error) and a base config transformers cannot
+    read become one-line errors, before anything is written."""
+    truncated = three_adapters[0] / "adapter_model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-64])
+    with pytest.raises(LongctxError, match="adapter_model.safetensors: .*corrupt or truncated"):
+        merge_adapters(tiny_llama, three_adapters[:1], tmp_path / "out", progress=False)
+    no_type = without_config_key(tiny_llama, tmp_path / "no-model-type", "model_type")
+    with pytest.raises(LongctxError, match="cannot read the config of"):
+        merge_adapters(no_type, three_adapters[1:2], tmp_path / "out", progress=False)
     assert leftovers(tmp_path, "out") == []
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from longctx.commands._args import add_output_arguments, formatter
+from longctx.lora.choices import EMBEDDING_POLICIES, VOCAB_POLICIES
+from longctx.models.dtypes import DTYPE_NAMES
 
 DESCRIPTION = """\
 Extract what EXTENDED (a long-context fine-tune) learned on top of BASE as a LoRA adapter,
@@ -55,13 +57,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
     parser.add_argument("--target-modules", nargs="+", metavar="NAME",
                         help="linear layers to decompose, by name or last name segment (default: every linear layer)")
-    parser.add_argument("--embeddings", choices=("full", "lora", "skip"), default="full",
+    parser.add_argument("--embeddings", choices=EMBEDDING_POLICIES, default="full",
                         help="embeddings and lm_head: full-rank copies in modules_to_save, LoRA factors, "
                         "or left out (default: %(default)s)")
-    parser.add_argument("--vocab-policy", choices=("error", "keep-base"), default="error",
+    parser.add_argument("--vocab-policy", choices=VOCAB_POLICIES, default="error",
                         help="when vocabulary sizes differ: stop, or keep BASE's vocabulary and drop EXTENDED's "
                         "extra rows (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                         help="dtype of the LoRA factors; full-rank copies keep EXTENDED's dtype (default: %(default)s)")
     parser.add_argument("--device", default="cpu", metavar="cpu|cuda",
                         help="where the factorization runs (default: %(default)s)")
@@ -79,22 +81,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from longctx.lora.extract import extract_lora, extract_lora_with_mergekit
-
-    common = dict(
-        rank=args.rank, energy=args.energy, max_rank=args.max_rank, target_modules=args.target_modules,
-        embeddings=args.embeddings, device=args.device, overwrite=args.overwrite, show_progress=not args.no_progress,
-    )
     if args.engine == "mergekit":
-        report = extract_lora_with_mergekit(
-            args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
-            allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers, **common,
-        )
+        from longctx.lora.mergekit import extract_lora_with_mergekit as extract
     else:
-        report = extract_lora(
-            args.base, args.extended, args.output, vocab_policy=args.vocab_policy, dtype=args.dtype,
-            allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers, **common,
-        )
+        from longctx.lora.extract import extract_lora as extract
+
+    report = extract(
+        args.base, args.extended, args.output, overwrite=args.overwrite, show_progress=not args.no_progress,
+        rank=args.rank, energy=args.energy, max_rank=args.max_rank, target_modules=args.target_modules,
+        embeddings=args.embeddings, vocab_policy=args.vocab_policy, dtype=args.dtype, device=args.device,
+        allow_pickle=args.allow_pickle, seed=args.seed, workers=args.workers,
+    )
     print(format_summary(report))
     return 0
 

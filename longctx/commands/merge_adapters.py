@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from longctx.commands._args import formatter
+from longctx.commands._run import process_exit_code, run_parser
+from longctx.lora.choices import COMBINE_METHODS
+from longctx.models.dtypes import DTYPE_NAMES
 
 DESCRIPTION = """\
 Merge LoRA adapters into a base model: W = W_base + sum_i w_i * scaling_i * B_i A_i, computed in
@@ -33,9 +36,6 @@ examples:
 """
 
 
-# = longctx.lora.combine.METHODS, kept here so that --help imports no torch (a test checks they agree)
-COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     old = parser.add_argument_group("the old merge_adapters script's flags")
     old.add_argument("--base_model_name_or_path", "--base-model", dest="base_model", metavar="MODEL",
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new = parser.add_argument_group("longctx")
     new.add_argument("--weights", nargs="+", type=float, metavar="W",
                      help="one scale per adapter, multiplying its LoRA deltas (default: 1 each)")
-    new.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    new.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
                      help="output dtype (default: auto, the base model's own)")
     new.add_argument("--keep-base-config", action="store_true",
                      help="keep the base config's rope settings even when an adapter carries long-context ones")
@@ -119,30 +119,41 @@ def _human_bytes(count: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from longctx.errors import LongctxError
-    from longctx.lora import merge
+    from longctx.models.reference import hub_available, push_to_hub
 
-    if args.push_to_hub:
-        merge.require_hub()
-    if args.combine:
-        return run_combine(args)
-    if not args.base_model:
+    if args.push_to_hub and not hub_available():
+        raise LongctxError(
+            "--push_to_hub: cannot reach the Hugging Face hub from here; drop --push_to_hub to write the merged "
+            "model locally and upload it later with `hf upload`"
+        )
+    if not args.combine and not args.base_model:
         raise LongctxError("--base_model_name_or_path is required to merge (only --combine works without a base model)")
-    result = merge.merge_adapters(
-        args.base_model,
-        args.adapters,
-        args.output_dir,
-        weights=args.weights,
-        dtype=args.dtype,
-        keep_base_config=args.keep_base_config,
-        overwrite=args.overwrite,
-        device=args.device,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        max_shard_bytes=parse_size(args.max_shard_size),
-    )
-    print(f"merged {len(result.adapters)} adapter(s) into {args.base_model} -> {result.output_dir}")
+    common = dict(weights=args.weights, keep_base_config=args.keep_base_config, overwrite=args.overwrite,
+                  allow_pickle=args.allow_pickle)
+    result = run_combine(args, common) if args.combine else run_merge(args, common)
+    if args.push_to_hub:
+        print(f"  pushed to the hub: {push_to_hub(result.output_dir, str(args.output_dir))}")
+    return 0
+
+
+def print_adapters(result) -> None:
     for path, weight in zip(result.adapters, result.weights):
         print(f"  adapter {path} (weight {weight:g})")
+
+
+def print_warnings(result) -> None:
+    if result.warnings:
+        print(f"  warnings: {len(result.warnings)} (see above)")
+
+
+def run_merge(args: argparse.Namespace, common: dict):
+    from longctx.lora.merge import merge_adapters
+
+    result = merge_adapters(args.base_model, args.adapters, args.output_dir, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code, max_shard_bytes=parse_size(args.max_shard_size),
+                            **common)
+    print(f"merged {len(result.adapters)} adapter(s) into {args.base_model} -> {result.output_dir}")
+    print_adapters(result)
     print(f"  tensors changed: {result.changed_tensors} of {result.total_tensors}; "
           f"{_human_bytes(result.output_bytes)} {result.dtype} in {len(result.shard_files)} shard(s)")
     if result.rope is not None:
@@ -154,50 +165,27 @@ def run(args: argparse.Namespace) -> int:
         print("  rope settings: no adapter carries any; base config kept")
     if result.untied:
         print(f"  untied: {', '.join(result.untied)} written separately (tie_word_embeddings: false)")
-    if result.warnings:
-        print(f"  warnings: {len(result.warnings)} (see above)")
+    print_warnings(result)
     print(f"  time: {result.seconds:.1f} s")
-    if args.push_to_hub:
-        repo = merge.push_to_hub(result.output_dir, str(args.output_dir))
-        print(f"  pushed to the hub: {repo}")
-    return 0
+    return result
 
 
-def run_combine(args: argparse.Namespace) -> int:
-    from longctx.lora import merge
+def run_combine(args: argparse.Namespace, common: dict):
     from longctx.lora.combine import combine_adapters
 
-    result = combine_adapters(
-        args.adapters,
-        args.output_dir,
-        method=args.combine,
-        weights=args.weights,
-        svd_rank=args.svd_rank,
-        density=args.density,
-        majority_sign=args.majority_sign,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        keep_base_config=args.keep_base_config,
-    )
+    result = combine_adapters(args.adapters, args.output_dir, method=args.combine, svd_rank=args.svd_rank,
+                              density=args.density, majority_sign=args.majority_sign, seed=args.seed, **common)
     print(f"combined {len(result.adapters)} adapter(s) with {result.method} -> {result.output_dir}")
-    for path, weight in zip(result.adapters, result.weights):
-        print(f"  adapter {path} (weight {weight:g})")
+    print_adapters(result)
     print(f"  modules: {result.modules}, ranks {result.ranks}; modules_to_save: {', '.join(result.modules_to_save) or 'none'}")
     if result.rope is not None:
         print(f"  rope metadata carried from {result.rope.source} (max_position_embeddings {result.rope.max_position_embeddings})")
-    if result.warnings:
-        print(f"  warnings: {len(result.warnings)} (see above)")
-    if args.push_to_hub:
-        repo = merge.push_to_hub(result.output_dir, str(args.output_dir))
-        print(f"  pushed to the hub: {repo}")
-    return 0
+    print_warnings(result)
+    return result
 
 
 def legacy_main(argv: list[str] | None = None) -> int:
     """The `merge_adapters` console script: the old script's flags (and longctx's) on one command."""
-    from longctx.cli import run as run_parser
-
     parser = argparse.ArgumentParser(
         prog="merge_adapters",
         description=DESCRIPTION,
@@ -211,8 +199,6 @@ def legacy_main(argv: list[str] | None = None) -> int:
 
 
 def legacy_console_main() -> int:
-    from longctx.cli import process_exit_code
-
     return process_exit_code(legacy_main())
 
 

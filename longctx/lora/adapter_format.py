@@ -1,5 +1,8 @@
 """PEFT's LoRA on-disk format, followed exactly (peft/tuners/lora, peft/utils/save_and_load.py).
 
+What the files hold and how their names and fields are spelled; nothing here imports torch
+or peft. The adapter read into memory (config semantics, the factors) is longctx.lora.adapter.
+
 An adapter directory holds adapter_config.json and adapter_model.safetensors with keys
   base_model.model.<module>.lora_A.weight            (r x in)
   base_model.model.<module>.lora_B.weight            (out x r)
@@ -13,10 +16,7 @@ come from rank_pattern / alpha_pattern when a key there matches the module name.
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import struct
 from pathlib import Path
 
 from longctx.errors import LongctxError
@@ -27,10 +27,28 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
+# The LoRA tensors of one module: the key's ending -> (the factor it holds, whether the module is an embedding)
+LORA_PARTS = {
+    "lora_A.weight": ("A", False),
+    "lora_B.weight": ("B", False),
+    "lora_B.bias": ("bias", False),
+    "lora_embedding_A": ("A", True),
+    "lora_embedding_B": ("B", True),
+}
 
-def lora_key(module: str, part: str) -> str:
-    """Key of one LoRA tensor: part is 'lora_A.weight', 'lora_B.weight', 'lora_embedding_A', ..."""
+
+def lora_key(module: str, role: str, *, embedding: bool = False) -> str:
+    """Key of one LoRA tensor of a module: role "A", "B", or "bias" (linear layers only)."""
+    part = next(part for part, found in LORA_PARTS.items() if found == (role, embedding))
     return f"{KEY_PREFIX}{module}.{part}"
+
+
+def split_lora_key(name: str) -> tuple[str, str, bool] | None:
+    """(module, role, embedding) of a LoRA tensor's key without KEY_PREFIX; None for any other tensor."""
+    for part, (role, embedding) in LORA_PARTS.items():
+        if name.endswith("." + part):
+            return name[: -len(part) - 1], role, embedding
+    return None
 
 
 def full_module_key(module: str, tensor: str = "weight") -> str:
@@ -38,7 +56,41 @@ def full_module_key(module: str, tensor: str = "weight") -> str:
     return f"{KEY_PREFIX}{module}.{tensor}"
 
 
-def pattern_value(patterns: dict, module: str, default):
+def base_layer_key(base_tensor: str) -> str:
+    """Key of an adapter's copy of the base weight under a LoRA layer (PEFT saves it for embedding LoRAs)."""
+    module, leaf = base_tensor.rsplit(".", 1)
+    return f"{KEY_PREFIX}{module}.base_layer.{leaf}"
+
+
+def matches_target(module: str, target: str) -> bool:
+    """PEFT's rule for a target_modules list entry: the module's full name or a dotted suffix of it."""
+    return module == target or module.endswith("." + target)
+
+
+def matches_saved(module: str, entry: str) -> bool:
+    """PEFT's rule for a modules_to_save entry: the module's name ends with it."""
+    return module.endswith(entry)
+
+
+def peft_names(selected: set[str], all_modules: list[str], matches) -> list[str]:
+    """Short PEFT names for a set of modules: a last name segment where it matches exactly
+    modules in the set, full names otherwise (so no unintended module is wrapped)."""
+    names: list[str] = []
+    by_segment: dict[str, list[str]] = {}
+    for module in sorted(selected):
+        by_segment.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    for segment, modules in by_segment.items():
+        if all(m in selected for m in all_modules if matches(m, segment)):
+            names.append(segment)
+            continue
+        for module in modules:
+            if not all(m in selected for m in all_modules if matches(m, module)):
+                raise LongctxError(f"module {module} cannot be named for PEFT without also matching other modules")
+            names.append(module)
+    return sorted(names)
+
+
+def pattern_value(patterns: dict | None, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key k with module ~ (.*\\.)?(k)$."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -46,15 +98,21 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    rank = pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-    return int(rank), float(alpha)
+def rank_fields(ranks: dict[str, int]) -> dict:
+    """r, lora_alpha, rank_pattern and alpha_pattern for per-module ranks, with scaling 1
+    (lora_alpha = r for every module).
 
-
-def module_scaling(config: dict, module: str) -> float:
-    rank, alpha = module_rank_alpha(config, module)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    r is the most common rank (ties: the largest), so rank_pattern lists only the exceptions,
+    as few as any choice of r allows: the config stays short and PEFT, which tries every
+    pattern key on every module it wraps, has the fewest to try. Pattern keys are escaped
+    full module names, which PEFT matches literally.
+    """
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    default_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
+    exceptions = {re.escape(module): rank for module, rank in ranks.items() if rank != default_rank}
+    return {"r": default_rank, "lora_alpha": default_rank, "rank_pattern": exceptions, "alpha_pattern": dict(exceptions)}
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -73,24 +131,12 @@ def lora_adapter_config(
     lora_bias: bool = False,
     ensure_weight_tying: bool = False,
 ) -> dict:
-    """adapter_config.json for extracted factors: scaling 1 everywhere (lora_alpha = r per module).
-
-    `r` is the most common rank (ties: the largest), so rank_pattern lists only the
-    exceptions; pattern keys are escaped full module names, matched literally by PEFT.
-    """
-    counts: dict[int, int] = {}
-    for rank in ranks.values():
-        counts[rank] = counts.get(rank, 0) + 1
-    default_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
-    exceptions = {re.escape(module): rank for module, rank in ranks.items() if rank != default_rank}
+    """adapter_config.json for extracted factors: scaling 1 everywhere (see rank_fields)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": default_rank,
-        "lora_alpha": default_rank,
-        "rank_pattern": exceptions,
-        "alpha_pattern": dict(exceptions),
+        **rank_fields(ranks),
         "target_modules": sorted(target_modules),
         "modules_to_save": sorted(modules_to_save) if modules_to_save else None,
         "lora_dropout": 0.0,
@@ -103,75 +149,3 @@ def lora_adapter_config(
         "ensure_weight_tying": ensure_weight_tying,
         "inference_mode": True,
     }
-
-
-def _safetensors_dtype(dtype) -> str:
-    """The safetensors name of a torch dtype."""
-    from longctx.models.tensors import SAFETENSORS_DTYPE_NAMES
-
-    if dtype not in SAFETENSORS_DTYPE_NAMES:
-        raise ValueError(f"safetensors cannot store dtype {dtype}")
-    return SAFETENSORS_DTYPE_NAMES[dtype]
-
-
-class StreamingSafetensorsWriter:
-    """Write one .safetensors file without holding its tensors in memory.
-
-    PEFT reads a single adapter_model.safetensors, but an adapter with full-rank
-    embeddings can be gigabytes. Tensor bytes go to a side file as they are produced;
-    `close()` writes the header (which must come first and lists every offset) and then
-    copies the bytes after it in blocks. The result is the standard safetensors layout:
-    8-byte little-endian header length, JSON header padded to 8 bytes, raw data.
-    """
-
-    COPY_BLOCK = 64 * 1024**2
-
-    def __init__(self, path: str | Path, *, metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        self._data_path = self.path.with_name(self.path.name + ".data")
-        self._data = open(self._data_path, "wb")
-        self._header: dict[str, dict] = {}
-        self._offset = 0
-        self.metadata = {"format": "pt", **(metadata or {})}
-
-    def add(self, name: str, tensor) -> None:
-        """Append one torch tensor."""
-        import torch
-
-        if name in self._header:
-            raise ValueError(f"tensor {name} written twice")
-        dtype_name = _safetensors_dtype(tensor.dtype)
-        tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self._data.write(memoryview(raw))
-        size = tensor.numel() * tensor.element_size()
-        self._header[name] = {
-            "dtype": dtype_name,
-            "shape": list(tensor.shape),
-            "data_offsets": [self._offset, self._offset + size],
-        }
-        self._offset += size
-
-    @property
-    def total_bytes(self) -> int:
-        return self._offset
-
-    def names(self) -> list[str]:
-        return list(self._header)
-
-    def close(self) -> Path:
-        self._data.close()
-        header = {"__metadata__": self.metadata, **dict(sorted(self._header.items()))}
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            while block := data.read(self.COPY_BLOCK):
-                out.write(block)
-        self._data_path.unlink()
-        return self.path
-
-    def abort(self) -> None:
-        self._data.close()
-        self._data_path.unlink(missing_ok=True)

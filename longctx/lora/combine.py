@@ -20,30 +20,37 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from longctx.errors import LongctxError
-from longctx.lora.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, full_module_key, lora_key
-from longctx.lora.merge import (
+from longctx.lora.adapter import (
     Adapter,
     LoraFactors,
     RopeSettings,
     adapter_rope_settings,
     check_weights,
     load_adapters,
+    stack_factors,
     warn_saved_twice,
 )
+from longctx.lora.adapter_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    base_layer_key,
+    full_module_key,
+    lora_key,
+    rank_fields,
+    read_adapter_config,
+)
+from longctx.lora.choices import COMBINE_METHODS
 from longctx.models.metadata import write_metadata
 from longctx.models.output import atomic_output_dir, check_output_free, write_json
+from longctx.models.writer import write_safetensors
 
 log = logging.getLogger(__name__)
-
-METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
-SVD_METHODS = ("svd", "ties", "dare_linear", "dare_ties")
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,13 +118,6 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
-def stack_factors(entries: list[tuple[float, LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with B @ A = Σ w_i s_i B_i A_i exactly (PEFT's cat)."""
-    A = torch.cat([factors.A.float() * (weight * factors.scaling) for weight, factors in entries], dim=0)
-    B = torch.cat([factors.B.float() for _, factors in entries], dim=1)
-    return A, B
-
-
 def module_seed(seed: int, module: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{module}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
@@ -176,8 +176,8 @@ def combine_adapters(
     """Write one PEFT LoRA adapter combining the given ones (see the module docstring)."""
     from tqdm import tqdm
 
-    if method not in METHODS:
-        raise LongctxError(f"unknown --combine method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in COMBINE_METHODS:
+        raise LongctxError(f"unknown --combine method {method!r}; use one of {', '.join(COMBINE_METHODS)}")
     if not 0 < density <= 1:
         raise LongctxError(f"--density {density} is out of range; give a fraction in (0, 1]")
     if majority_sign not in ("total", "frequency"):
@@ -208,8 +208,8 @@ def combine_adapters(
         embedding = entries[0][1].embedding
         if embedding:
             embeddings.add(module)
-        tensors[lora_key(module, "lora_embedding_A" if embedding else "lora_A.weight")] = A
-        tensors[lora_key(module, "lora_embedding_B" if embedding else "lora_B.weight")] = B
+        tensors[lora_key(module, "A", embedding=embedding)] = A
+        tensors[lora_key(module, "B", embedding=embedding)] = B
         ranks[module] = A.shape[0]
 
     saved: dict[str, torch.Tensor] = {}
@@ -220,14 +220,11 @@ def combine_adapters(
     for name, tensor in saved.items():
         tensors[full_module_key(*name.rsplit(".", 1))] = tensor
     for name, tensor in base_layers.items():
-        module, leaf = name.rsplit(".", 1)
-        tensors[lora_key(module, f"base_layer.{leaf}")] = tensor
+        tensors[base_layer_key(name)] = tensor
 
     config = combined_config(adapters, ranks, sorted({name.rsplit(".", 1)[0] for name in saved}))
-    from safetensors.torch import save_file
-
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(tmp, tensors, file_name=ADAPTER_WEIGHTS, max_shard_bytes=None)
         write_json(tmp / ADAPTER_CONFIG, config)
         if rope is not None and not keep_base_config:
             write_metadata(
@@ -252,15 +249,10 @@ def combine_adapters(
 
 
 def combined_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str]) -> dict:
-    """The first adapter's config with scaling 1 everywhere and exactly the combined modules targeted."""
-    config = dict(adapters[0].config)
-    top = max(ranks.values(), default=1)
-    patterns = {re.escape(module): rank for module, rank in ranks.items() if rank != top}
+    """The first adapter's config file with scaling 1 everywhere (rank_fields) and exactly the combined modules targeted."""
+    config = read_adapter_config(adapters[0].path)
     config.update(
-        r=top,
-        lora_alpha=top,
-        rank_pattern=patterns,
-        alpha_pattern=dict(patterns),
+        **rank_fields(ranks),
         use_rslora=False,
         target_modules=sorted(ranks),
         modules_to_save=modules_to_save or None,

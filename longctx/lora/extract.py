@@ -25,32 +25,38 @@ which merge_adapters applies; a LoRA alone carries no config) and extraction_rep
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import os
 import time
 import zlib
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from longctx.errors import LongctxError
-from longctx.lora import adapter_format
+from longctx.lora.adapter_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    full_module_key,
+    lora_adapter_config,
+    lora_key,
+    matches_saved,
+    matches_target,
+    peft_names,
+)
+from longctx.lora.choices import EMBEDDING_POLICIES, VOCAB_POLICIES
 from longctx.lora.lowrank import FactorStats, factor_fixed_rank, factor_for_energy, frobenius_sq, residual_stats
+from longctx.lora.threads import available_cpus, cpu_threads, ordered_parallel_map
 from longctx.models import TensorReader, atomic_output_dir, check_output_free, read_json, resolve_model, write_json
+from longctx.models.dtypes import DTYPE_NAMES, torch_dtype
+from longctx.models.layout import ModelLayout, model_layout
 from longctx.models.metadata import read_metadata, write_metadata
-
-log = logging.getLogger(__name__)
+from longctx.models.writer import SafetensorsWriter
+from longctx.rope.config import rope_settings
 
 REPORT_FILE = "extraction_report.json"
 COMPARE_BLOCK_BYTES = 64 * 1024**2
 DEFAULT_RANK = 64
-EMBEDDING_POLICIES = ("full", "lora", "skip")
-VOCAB_POLICIES = ("error", "keep-base")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -85,8 +91,8 @@ class ExtractionSettings:
             raise LongctxError(f"--embeddings must be one of {', '.join(EMBEDDING_POLICIES)}, got {self.embeddings!r}")
         if self.vocab_policy not in VOCAB_POLICIES:
             raise LongctxError(f"--vocab-policy must be one of {', '.join(VOCAB_POLICIES)}, got {self.vocab_policy!r}")
-        if self.dtype not in DTYPES:
-            raise LongctxError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise LongctxError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.workers is None:
             self.workers = available_cpus()
         if self.workers <= 0:
@@ -95,143 +101,53 @@ class ExtractionSettings:
             raise LongctxError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
 
-# ---------------------------------------------------------------------------------------
-# The model's structure: which tensor belongs to which module, and what kind of module.
-
-
-@dataclass
-class ModelLayout:
-    """Module kinds of the base architecture, read from a meta-device instance (no weights)."""
-
-    module_kind: dict[str, str]  # module name -> "linear" | "embedding" | "lm_head" | "other"
-    param_module: dict[str, tuple[str, str]]  # tensor name -> (module name, parameter name)
-    module_params: dict[str, list[str]]  # module name -> its parameter names
-    all_modules: list[str]
-    tied_embeddings: bool
-    embedding_module: str | None
-    lm_head_module: str | None
-
-
-# Decoder families whose CausalLM is embed_tokens, then layers of nn.Linear projections and
-# 1-D norms, then lm_head: their layout can be read from the checkpoint's names and shapes,
-# which spares importing transformers' modeling code (about 2 s of a 4 s run on SmolLM2).
-CHECKPOINT_LAYOUT_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-EMBEDDING_MODULE, LM_HEAD_MODULE = "model.embed_tokens", "lm_head"
-
-
-def model_layout(model_dir: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> ModelLayout:
-    """The layout from the checkpoint where the architecture allows, else from transformers."""
-    return layout_from_checkpoint(config, shapes) or layout_from_transformers(model_dir)
-
-
-def layout_from_checkpoint(config: dict, shapes: dict[str, tuple[int, ...]]) -> ModelLayout | None:
-    """Module kinds from tensor names and shapes, for CHECKPOINT_LAYOUT_ARCHITECTURES only:
-    a module with a 2-D weight is a linear layer, one with a 1-D weight a norm. None when
-    the config or a tensor does not fit that pattern (the caller then asks transformers)."""
-    model_type = config.get("model_type")
-    expected = CHECKPOINT_LAYOUT_ARCHITECTURES.get(model_type)
-    if expected is None or "text_config" in config or config.get("architectures", [expected]) != [expected]:
-        return None
-    module_params: dict[str, list[str]] = {}
-    weight_dims: dict[str, int] = {}
-    for name, shape in shapes.items():
-        module, _, param = name.rpartition(".")
-        if param not in ("weight", "bias") or not (module.startswith("model.") or module == LM_HEAD_MODULE) or len(shape) > 2:
-            return None
-        module_params.setdefault(module, []).append(param)
-        if param == "weight":
-            weight_dims[module] = len(shape)
-    module_params.setdefault(LM_HEAD_MODULE, ["weight"])  # a tied checkpoint may not store it
-    weight_dims.setdefault(LM_HEAD_MODULE, 2)
-    if weight_dims.get(EMBEDDING_MODULE) != 2 or weight_dims[LM_HEAD_MODULE] != 2:
-        return None
-    module_kind = {}
-    for module in module_params:
-        if module == EMBEDDING_MODULE:
-            module_kind[module] = "embedding"
-        elif module == LM_HEAD_MODULE:
-            module_kind[module] = "lm_head"
-        else:
-            module_kind[module] = "linear" if weight_dims.get(module) == 2 else "other"
-    param_module = {f"{module}.{param}": (module, param) for module, params in module_params.items() for param in params}
-    parents = {module.rsplit(".", i)[0] for module in module_params for i in range(module.count(".") + 1)}
-    return ModelLayout(
-        module_kind=module_kind,
-        param_module=param_module,
-        module_params=module_params,
-        all_modules=sorted(parents),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        embedding_module=EMBEDDING_MODULE,
-        lm_head_module=LM_HEAD_MODULE,
-    )
-
-
-def layout_from_transformers(model_dir: Path) -> ModelLayout:
-    """Module kinds of any architecture transformers knows, from a meta-device instance."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as error:
-        raise LongctxError(f"cannot build the architecture of {model_dir} with transformers: {error}") from error
-    embedding = model.get_input_embeddings()
-    lm_head = model.get_output_embeddings()
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tied = bool(getattr(text_config, "tie_word_embeddings", False))
-    module_kind, param_module, module_params = {}, {}, {}
-    embedding_name = lm_head_name = None
-    for name, module in model.named_modules():
-        params = list(module._parameters)
-        if not name or not params:
-            continue
-        if module is embedding:
-            kind, embedding_name = "embedding", name
-        elif module is lm_head:
-            kind, lm_head_name = "lm_head", name
-        elif isinstance(module, torch.nn.Linear):
-            kind = "linear"
-        else:
-            kind = "other"
-        module_kind[name] = kind
-        module_params[name] = params
-        for param in params:
-            param_module[f"{name}.{param}"] = (name, param)
-    all_modules = [name for name, _ in model.named_modules() if name]
-    return ModelLayout(module_kind, param_module, module_params, all_modules, tied, embedding_name, lm_head_name)
-
-
-def _matches_target(module: str, target: str) -> bool:
-    """PEFT's target_modules rule for a list entry: the full name or a dotted suffix."""
-    return module == target or module.endswith("." + target)
-
-
-def peft_names(selected: set[str], all_modules: list[str], matches) -> list[str]:
-    """Short PEFT names for a set of modules: a last name segment where it matches exactly
-    modules in the set, full names otherwise (so no unintended module is wrapped)."""
-    names: list[str] = []
-    by_segment: dict[str, list[str]] = {}
-    for module in sorted(selected):
-        by_segment.setdefault(module.rsplit(".", 1)[-1], []).append(module)
-    for segment, modules in by_segment.items():
-        if all(m in selected for m in all_modules if matches(m, segment)):
-            names.append(segment)
-            continue
-        for module in modules:
-            if not all(m in selected for m in all_modules if matches(m, module)):
-                raise LongctxError(f"module {module} cannot be named for PEFT without also matching other modules")
-            names.append(module)
-    return sorted(names)
+def extract_lora(base_dir: str | Path, extended_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False,
+                 show_progress: bool = True, **settings) -> dict:
+    """Write a PEFT LoRA adapter with base + adapter ~= extended; returns the report dict.
+    settings: the fields of ExtractionSettings (rank, energy, max_rank, target_modules, ...)."""
+    settings = ExtractionSettings(**settings)
+    settings.validate()
+    output_dir = check_output_free(output_dir, overwrite)
+    base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
+    base_config, extended_config = read_json(base_dir / "config.json"), read_json(extended_dir / "config.json")
+    rope = rope_settings(extended_config)
+    started = time.perf_counter()
+    if bool(_tied(base_config)) != bool(_tied(extended_config)):
+        raise LongctxError("BASE and EXTENDED differ in tie_word_embeddings; the models have different architectures")
+    with TensorReader(base_dir, allow_pickle=settings.allow_pickle) as base, \
+            TensorReader(extended_dir, allow_pickle=settings.allow_pickle) as extended:
+        layout = model_layout(base_dir, base_config, {name: base.shape(name) for name in base.names()})
+        if layout.tied_embeddings and settings.embeddings == "lora":
+            raise LongctxError(
+                "--embeddings lora is not supported for models with tied embeddings (PEFT does not merge a LoRA on tied "
+                "embeddings correctly); use --embeddings full (the default) or skip"
+            )
+        check_compatible(base_config, extended_config, base, extended, layout, settings)
+        _check_targets(settings, layout)
+        names = [name for name in extended.names() if name not in layout.optional_tensors()]
+        with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+            # one file however large (PEFT reads a single adapter_model.safetensors), ranks known as modules finish
+            with SafetensorsWriter(tmp, file_name=ADAPTER_WEIGHTS, max_shard_bytes=None) as writer:
+                extractor = _Extractor(base, extended, layout, settings, writer)
+                extractor.run(names, show_progress)
+                if not writer.names():
+                    raise LongctxError("BASE and EXTENDED have identical weights: there is no difference to extract")
+                with extractor.tally.timing("write"):
+                    writer.close()
+            write_json(tmp / ADAPTER_CONFIG, extractor.adapter_config(str(base_dir)))
+            report = _report(base_dir, extended_dir, settings, extractor, writer.total_bytes, time.perf_counter() - started)
+            write_json(tmp / REPORT_FILE, report)
+            write_sidecar(tmp, base_dir, extended_dir, rope)
+    report["output"] = str(output_dir)
+    return report
 
 
 # ---------------------------------------------------------------------------------------
 # Checks before any work: same architecture, same tensors, same shapes.
+
+
+def _tied(config: dict) -> bool:
+    return config.get("text_config", config).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
 
 
 def _config_summary(config: dict) -> tuple:
@@ -249,7 +165,7 @@ def check_compatible(base_config: dict, extended_config: dict, base: TensorReade
             f"BASE and EXTENDED have different architectures ({_config_summary(base_config)} vs "
             f"{_config_summary(extended_config)}); extract-lora needs a model and its own fine-tune"
         )
-    ignored = _ignored_tensors(layout)
+    ignored = layout.optional_tensors()
     base_names = set(base.names()) - ignored
     extended_names = set(extended.names()) - ignored
     for missing, where in ((extended_names - base_names, "BASE"), (base_names - extended_names, "EXTENDED")):
@@ -276,139 +192,20 @@ def check_compatible(base_config: dict, extended_config: dict, base: TensorReade
         )
 
 
-def _ignored_tensors(layout: ModelLayout) -> set[str]:
-    """lm_head.weight of a tied model is the embedding: some checkpoints store it, some do not."""
-    return {f"{layout.lm_head_module}.weight"} if layout.tied_embeddings and layout.lm_head_module else set()
+def _check_targets(settings: ExtractionSettings, layout: ModelLayout) -> None:
+    if not settings.target_modules:
+        return
+    linear = [m for m, kind in layout.module_kind.items() if kind == "linear"]
+    unknown = [t for t in settings.target_modules if not any(matches_target(m, t) for m in linear)]
+    if unknown:
+        examples = sorted({m.rsplit(".", 1)[-1] for m in linear})
+        raise LongctxError(f"--target-modules {', '.join(unknown)} match no linear layer; choose from {', '.join(examples)}")
 
 
 # ---------------------------------------------------------------------------------------
-# The extraction itself. Worker threads load, compare and factor tensor pairs, each torch
-# op on one CPU thread (the cores are used by running pairs side by side, not by splitting
-# small matrix products across threads, whose spin-waiting made the factorization 18x
-# slower on a busy 2-core machine); the main thread records the outcomes and writes the
-# adapter in checkpoint order.
-
-
-@contextlib.contextmanager
-def _cpu_threads(count: int | None):
-    """Run a block with `count` torch CPU threads (None: unchanged)."""
-    previous = torch.get_num_threads()
-    if count is not None and count != previous:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def ordered_parallel_map(work, items, *, cost, budget: int, workers: int):
-    """Yield work(item) for each item, in the items' order, on `workers` threads, with up to
-    2 x workers items in flight (queued, running, or done and not yet consumed) while their
-    summed cost(item) stays within `budget`; an item costing more than the budget runs
-    alone. With the largest item's memory footprint as the budget, peak memory stays that
-    of one item at a time. Twice as many items in flight as threads keeps a thread busy
-    while the oldest item, which must be yielded first, is still running."""
-    if workers <= 1:
-        yield from map(work, items)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="extract-lora")
-    in_flight: deque = deque()  # (future, cost), oldest first
-    used = 0
-    try:
-        for item in items:
-            item_cost = cost(item)
-            while in_flight and (len(in_flight) >= 2 * workers or used + item_cost > budget):
-                future, done_cost = in_flight.popleft()
-                used -= done_cost
-                yield future.result()
-            in_flight.append((pool.submit(work, item), item_cost))
-            used += item_cost
-        while in_flight:
-            yield in_flight.popleft()[0].result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass
-class Tally:
-    """Bytes read and seconds per phase, of one tensor pair or (summed) of a whole run."""
-
-    bytes_read: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def timing(self, phase: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
-
-    def add(self, other: "Tally") -> None:
-        self.bytes_read += other.bytes_read
-        for phase, seconds in other.seconds.items():
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-
-
-@dataclass
-class FactoredDelta:
-    """LoRA factors of one module's delta (B @ A ~ delta, already in the output dtype) and their measured error."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    stats: FactorStats
-    method: str  # "exact" or "randomized"
-    seconds: float
-
-
-def weight_delta(base_tensor: torch.Tensor, extended_tensor: torch.Tensor, device: str) -> torch.Tensor:
-    """EXTENDED - BASE in float32 on `device`, with one allocation (no float32 copy of BASE)."""
-    delta = extended_tensor.to(device, torch.float32, copy=True)
-    delta -= base_tensor.to(device)
-    return delta
-
-
-def factor_delta(delta: torch.Tensor, settings: ExtractionSettings, *, generator: torch.Generator,
-                 tally: Tally) -> FactoredDelta:
-    """Factors of a float32 delta at the settings' rank or energy, cast to the output dtype,
-    and their relative error measured with the factors as cast."""
-    started = time.perf_counter()
-    with tally.timing("factorize"):
-        total = frobenius_sq(delta)
-        if settings.rank is not None:
-            factors = factor_fixed_rank(delta, settings.rank, generator=generator)
-        else:
-            factors = factor_for_energy(delta, settings.energy, max_rank=settings.max_rank, generator=generator)
-        out_dtype = DTYPES[settings.dtype]
-        a, b = factors.A.to(out_dtype), factors.B.to(out_dtype)
-    with tally.timing("measure error"):
-        stats = residual_stats(delta, a, b, total_energy=total)
-    return FactoredDelta(a.cpu(), b.cpu(), stats, factors.method, round(time.perf_counter() - started, 4))
-
-
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """The randomized SVD's generator for one tensor: set by the seed and the tensor's name
-    alone, so the adapter does not depend on the order in which workers reach the tensors."""
-    return torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
-
-
-def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The extended tensor fitted to the base vocabulary (keep-base): shared rows from
-    EXTENDED, the rest from BASE. Returns it and the number of EXTENDED rows dropped."""
-    if base_tensor.shape == extended_tensor.shape:
-        return extended_tensor, 0
-    shared = min(base_tensor.shape[0], extended_tensor.shape[0])
-    fitted = base_tensor.clone()
-    fitted[:shared] = extended_tensor[:shared]
-    return fitted, max(0, extended_tensor.shape[0] - shared)
+# The pass over the tensor pairs. Worker threads load, compare and factor the pairs (each
+# torch op on one CPU thread, see longctx.lora.threads); the main thread records the
+# outcomes and writes the adapter in checkpoint order.
 
 
 @dataclass
@@ -439,9 +236,9 @@ class _Extractor:
     """One pass over the tensor pairs: decisions per module, factors and copies streamed to the writer."""
 
     def __init__(self, base: TensorReader, extended: TensorReader, layout: ModelLayout, settings: ExtractionSettings,
-                 writer: adapter_format.StreamingSafetensorsWriter):
+                 writer: SafetensorsWriter):
         self.base, self.extended, self.layout, self.settings, self.writer = base, extended, layout, settings, writer
-        self.out_dtype = DTYPES[settings.dtype]
+        self.out_dtype = torch_dtype(settings.dtype)
         self.modules: dict[str, dict] = {}  # module -> its report entry
         self.ranks: dict[str, int] = {}  # every module with LoRA factors -> rank
         self.lora_targets: set[str] = set()  # the linear ones (lora_A/B; not lora_embedding_A/B)
@@ -461,7 +258,7 @@ class _Extractor:
         if kind != "linear":
             return False
         targets = self.settings.target_modules
-        return targets is None or any(_matches_target(module, t) for t in targets)
+        return targets is None or any(matches_target(module, t) for t in targets)
 
     def entry(self, module: str, **fields) -> dict:
         item = self.modules.setdefault(module, {"module": module, "kind": "unchanged"})
@@ -497,7 +294,7 @@ class _Extractor:
         tasks = [self.task(name) for name in tensor_names]
         budget = max((task.footprint for task in tasks), default=0)
         started = time.perf_counter()
-        with tqdm(total=len(tasks), desc="extract-lora", unit="tensor", disable=not show_progress) as bar, _cpu_threads(1):
+        with tqdm(total=len(tasks), desc="extract-lora", unit="tensor", disable=not show_progress) as bar, cpu_threads(1):
             outcomes = ordered_parallel_map(self.load, tasks, cost=lambda task: task.footprint, budget=budget,
                                             workers=self.workers)
             for outcome in outcomes:
@@ -607,13 +404,10 @@ class _Extractor:
 
     def write_factors(self, module: str, factored: FactoredDelta) -> None:
         is_embedding = self.layout.module_kind[module] == "embedding"
-        if is_embedding:
-            self.writer.add(adapter_format.lora_key(module, "lora_embedding_A"), factored.A)
-            self.writer.add(adapter_format.lora_key(module, "lora_embedding_B"), factored.B)
-        else:
+        if not is_embedding:
             self.lora_targets.add(module)
-            self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), factored.A)
-            self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), factored.B)
+        self.writer.write(lora_key(module, "A", embedding=is_embedding), factored.A)
+        self.writer.write(lora_key(module, "B", embedding=is_embedding), factored.B)
         self.ranks[module] = factored.stats.rank
         self.entry(
             module,
@@ -627,28 +421,27 @@ class _Extractor:
         )
 
     def write_full(self, module: str, param: str, tensor: torch.Tensor) -> None:
-        self.writer.add(adapter_format.full_module_key(module, param), tensor)
+        self.writer.write(full_module_key(module, param), tensor)
         self.written_full.add(f"{module}.{param}")
         if self.layout.tied_embeddings and module == self.layout.embedding_module and param == "weight":
             # PEFT with ensure_weight_tying loads lm_head's copy of the tied embedding too
-            self.writer.add(adapter_format.full_module_key(self.layout.lm_head_module, "weight"), tensor)
+            self.writer.write(full_module_key(self.layout.lm_head_module, "weight"), tensor)
 
     def adapter_config(self, base_model: str) -> dict:
         adapted = set(self.ranks)  # linear layers, lm_head, and the embedding when it is a LoRA
-        return adapter_format.lora_adapter_config(
+        return lora_adapter_config(
             base_model=base_model,
             ranks=self.ranks,
-            target_modules=peft_names(adapted, self.layout.all_modules, _matches_target),
-            # PEFT's modules_to_save rule: the module's name ends with the entry
-            modules_to_save=peft_names(self.full_modules, self.layout.all_modules, lambda module, entry: module.endswith(entry)),
+            target_modules=peft_names(adapted, self.layout.all_modules, matches_target),
+            modules_to_save=peft_names(self.full_modules, self.layout.all_modules, matches_saved),
             lora_bias=bool(self.bias_deltas),
             ensure_weight_tying=self.layout.tied_embeddings and self.layout.embedding_module in self.full_modules,
         )
 
     def add_zero_lora(self, module: str, method: str) -> None:
         out_features, in_features = self.base.shape(f"{module}.weight")
-        self.writer.add(adapter_format.lora_key(module, "lora_A.weight"), torch.zeros(1, in_features, dtype=self.out_dtype))
-        self.writer.add(adapter_format.lora_key(module, "lora_B.weight"), torch.zeros(out_features, 1, dtype=self.out_dtype))
+        self.writer.write(lora_key(module, "A"), torch.zeros(1, in_features, dtype=self.out_dtype))
+        self.writer.write(lora_key(module, "B"), torch.zeros(out_features, 1, dtype=self.out_dtype))
         self.lora_targets.add(module)
         self.ranks[module] = 1
         self.entry(module, kind="lora", shape=[out_features, in_features], rank=1, method=method)
@@ -678,71 +471,89 @@ class _Extractor:
             bias = self.bias_deltas.get(module)
             if bias is None:
                 bias = torch.zeros(self.base.shape(f"{module}.weight")[0])
-            self.writer.add(adapter_format.lora_key(module, "lora_B.bias"), bias.to(self.out_dtype))
+            self.writer.write(lora_key(module, "bias"), bias.to(self.out_dtype))
 
 
-def extract_lora(
-    base_dir: str | Path,
-    extended_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    max_rank: int | None = None,
-    target_modules: list[str] | None = None,
-    embeddings: str = "full",
-    vocab_policy: str = "error",
-    dtype: str = "float32",
-    device: str = "cpu",
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    seed: int = 0,
-    workers: int | None = None,
-    show_progress: bool = True,
-) -> dict:
-    """Write a PEFT LoRA adapter with base + adapter ~= extended; returns the report dict."""
-    settings = ExtractionSettings(
-        rank=rank, energy=energy, max_rank=max_rank, target_modules=target_modules, embeddings=embeddings,
-        vocab_policy=vocab_policy, dtype=dtype, device=device, allow_pickle=allow_pickle, seed=seed, workers=workers,
-    )
-    settings.validate()
-    output_dir = check_output_free(output_dir, overwrite)
-    base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
-    base_config, extended_config = read_json(base_dir / "config.json"), read_json(extended_dir / "config.json")
-    rope = _rope_settings(extended_config)
+# ---------------------------------------------------------------------------------------
+# One tensor pair: its delta, its factors, and what reading and factoring it cost.
+
+
+@dataclass
+class Tally:
+    """Bytes read and seconds per phase, of one tensor pair or (summed) of a whole run."""
+
+    bytes_read: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timing(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def add(self, other: "Tally") -> None:
+        self.bytes_read += other.bytes_read
+        for phase, seconds in other.seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+@dataclass
+class FactoredDelta:
+    """LoRA factors of one module's delta (B @ A ~ delta, already in the output dtype) and their measured error."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    stats: FactorStats
+    method: str  # "exact" or "randomized"
+    seconds: float
+
+
+def weight_delta(base_tensor: torch.Tensor, extended_tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """EXTENDED - BASE in float32 on `device`, with one allocation (no float32 copy of BASE)."""
+    delta = extended_tensor.to(device, torch.float32, copy=True)
+    delta -= base_tensor.to(device)
+    return delta
+
+
+def factor_delta(delta: torch.Tensor, settings: ExtractionSettings, *, generator: torch.Generator,
+                 tally: Tally) -> FactoredDelta:
+    """Factors of a float32 delta at the settings' rank or energy, cast to the output dtype,
+    and their relative error measured with the factors as cast."""
     started = time.perf_counter()
-    if bool(_tied(base_config)) != bool(_tied(extended_config)):
-        raise LongctxError("BASE and EXTENDED differ in tie_word_embeddings; the models have different architectures")
-    with TensorReader(base_dir, allow_pickle=allow_pickle) as base, \
-            TensorReader(extended_dir, allow_pickle=allow_pickle) as extended:
-        layout = model_layout(base_dir, base_config, {name: base.shape(name) for name in base.names()})
-        if layout.tied_embeddings and settings.embeddings == "lora":
-            raise LongctxError(
-                "--embeddings lora is not supported for models with tied embeddings (PEFT does not merge a LoRA on tied "
-                "embeddings correctly); use --embeddings full (the default) or skip"
-            )
-        check_compatible(base_config, extended_config, base, extended, layout, settings)
-        _check_targets(settings, layout)
-        ignored = _ignored_tensors(layout)
-        names = [name for name in extended.names() if name not in ignored]
-        with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-            writer = adapter_format.StreamingSafetensorsWriter(tmp / adapter_format.ADAPTER_WEIGHTS)
-            try:
-                extractor = _Extractor(base, extended, layout, settings, writer)
-                extractor.run(names, show_progress)
-                if not writer.names():
-                    raise LongctxError("BASE and EXTENDED have identical weights: there is no difference to extract")
-                with extractor.tally.timing("write"):
-                    writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            write_json(tmp / adapter_format.ADAPTER_CONFIG, extractor.adapter_config(str(base_dir)))
-            report = _report(base_dir, extended_dir, settings, extractor, writer.total_bytes, time.perf_counter() - started)
-            write_json(tmp / REPORT_FILE, report)
-            write_sidecar(tmp, base_dir, extended_dir, rope)
-    report["output"] = str(output_dir)
-    return report
+    with tally.timing("factorize"):
+        total = frobenius_sq(delta)
+        if settings.rank is not None:
+            factors = factor_fixed_rank(delta, settings.rank, generator=generator)
+        else:
+            factors = factor_for_energy(delta, settings.energy, max_rank=settings.max_rank, generator=generator)
+        out_dtype = torch_dtype(settings.dtype)
+        a, b = factors.A.to(out_dtype), factors.B.to(out_dtype)
+    with tally.timing("measure error"):
+        stats = residual_stats(delta, a, b, total_energy=total)
+    return FactoredDelta(a.cpu(), b.cpu(), stats, factors.method, round(time.perf_counter() - started, 4))
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """The randomized SVD's generator for one tensor: set by the seed and the tensor's name
+    alone, so the adapter does not depend on the order in which workers reach the tensors."""
+    return torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+
+
+def _on_base_rows(base_tensor: torch.Tensor, extended_tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The extended tensor fitted to the base vocabulary (keep-base): shared rows from
+    EXTENDED, the rest from BASE. Returns it and the number of EXTENDED rows dropped."""
+    if base_tensor.shape == extended_tensor.shape:
+        return extended_tensor, 0
+    shared = min(base_tensor.shape[0], extended_tensor.shape[0])
+    fitted = base_tensor.clone()
+    fitted[:shared] = extended_tensor[:shared]
+    return fitted, max(0, extended_tensor.shape[0] - shared)
+
+
+# ---------------------------------------------------------------------------------------
+# Beside the adapter: the rope sidecar and the report.
 
 
 def write_sidecar(adapter_dir: Path, base_dir: Path, extended_dir: Path, rope: dict, **fields) -> dict:
@@ -753,26 +564,6 @@ def write_sidecar(adapter_dir: Path, base_dir: Path, extended_dir: Path, rope: d
         base_model=str(base_dir), extended_model=str(extended_dir), extended_model_metadata=read_metadata(extended_dir),
         report_file=REPORT_FILE, **fields,
     )
-
-
-def _tied(config: dict) -> bool:
-    return config.get("text_config", config).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
-
-
-def _rope_settings(config: dict) -> dict:
-    from longctx.rope.config import rope_settings
-
-    return rope_settings(config)
-
-
-def _check_targets(settings: ExtractionSettings, layout: ModelLayout) -> None:
-    if not settings.target_modules:
-        return
-    linear = [m for m, kind in layout.module_kind.items() if kind == "linear"]
-    unknown = [t for t in settings.target_modules if not any(_matches_target(m, t) for m in linear)]
-    if unknown:
-        examples = sorted({m.rsplit(".", 1)[-1] for m in linear})
-        raise LongctxError(f"--target-modules {', '.join(unknown)} match no linear layer; choose from {', '.join(examples)}")
 
 
 def _report(base_dir: Path, extended_dir: Path, settings: ExtractionSettings, extractor: _Extractor,
@@ -822,124 +613,3 @@ def summarize(modules: list[dict], adapter_bytes: int, seconds: float, errors: l
         "adapter_bytes": adapter_bytes,
         "seconds": round(seconds, 2),
     }
-
-
-# ---------------------------------------------------------------------------------------
-# Measuring any adapter (ours or mergekit's) against the pair it came from, and the
-# mergekit engine, which runs mergekit-extract-lora and adds what it lacks.
-
-
-LORA_PARTS = (("lora_A.weight", "lora_B.weight", False), ("lora_embedding_A", "lora_embedding_B", True))
-
-
-def measure_adapter(base_dir: str | Path, extended_dir: str | Path, adapter_dir: str | Path, *, allow_pickle: bool = False,
-                    show_progress: bool = False) -> list[dict]:
-    """Per LoRA module of an adapter: rank and measured ||dW - scaling * B A|| / ||dW||."""
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
-    adapter_dir = Path(adapter_dir)
-    config = adapter_format.read_adapter_config(adapter_dir)
-    weights = adapter_dir / adapter_format.ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise LongctxError(f"{adapter_dir} has no {adapter_format.ADAPTER_WEIGHTS}")
-    entries = []
-    with safe_open(weights, framework="pt") as adapter, \
-            TensorReader(resolve_model(base_dir), allow_pickle=allow_pickle) as base, \
-            TensorReader(resolve_model(extended_dir), allow_pickle=allow_pickle) as extended:
-        prefix = adapter_format.KEY_PREFIX
-        pairs = {}
-        for key in adapter.keys():
-            for a_part, b_part, is_embedding in LORA_PARTS:
-                if key.endswith("." + a_part):
-                    module = key[len(prefix):-len(a_part) - 1]
-                    pairs[module] = (key, key[: -len(a_part)] + b_part, is_embedding)
-        for module, (a_key, b_key, is_embedding) in tqdm(sorted(pairs.items()), desc="measure", disable=not show_progress):
-            name = f"{module}.weight"
-            delta = extended.get(name).float() - base.get(name).float()
-            if is_embedding:
-                delta = delta.T
-            scaling = adapter_format.module_scaling(config, module)
-            a = adapter.get_tensor(a_key).float()
-            b = adapter.get_tensor(b_key).float() * scaling
-            with _cpu_threads(1):
-                total = frobenius_sq(delta)
-                stats = residual_stats(delta, a, b, total_energy=total) if total > 0 else None
-            entries.append({
-                "module": module,
-                "kind": "lora_embedding" if is_embedding else "lora",
-                "shape": list(delta.T.shape if is_embedding else delta.shape),
-                "rank": a.shape[0],
-                "retained_energy": round(stats.retained_energy, 8) if stats else None,
-                "relative_error": stats.relative_error if stats else None,
-            })
-    for module in config.get("modules_to_save") or []:
-        entries.append({"module": module, "kind": "modules_to_save"})
-    return entries
-
-
-def mergekit_command() -> list[str]:
-    import shutil
-    import sys
-
-    beside_python = Path(sys.executable).parent / "mergekit-extract-lora"
-    found = str(beside_python) if beside_python.is_file() else shutil.which("mergekit-extract-lora")
-    if not found:
-        raise LongctxError(
-            "mergekit-extract-lora was not found; install mergekit (`pip install mergekit`) or use --engine longctx"
-        )
-    return [found]
-
-
-def extract_lora_with_mergekit(base_dir: str | Path, extended_dir: str | Path, output_dir: str | Path, *, rank: int | None = None,
-                               energy: float | None = None, max_rank: int | None = None, target_modules: list[str] | None = None,
-                               embeddings: str = "full", device: str = "cpu", overwrite: bool = False,
-                               show_progress: bool = True, **unsupported) -> dict:
-    """Run mergekit-extract-lora on the same inputs, then add the rope sidecar and our report."""
-    import subprocess
-
-    if energy is not None or max_rank is not None:
-        raise LongctxError(
-            "--engine mergekit supports a fixed --rank only (mergekit has no energy-based rank); drop --energy/--max-rank"
-        )
-    settings_given = {key: value for key, value in unsupported.items() if value not in (None, False, "error", "float32", 0)}
-    if settings_given:
-        flags = ", ".join("--" + key.replace("_", "-") for key in settings_given)
-        raise LongctxError(f"--engine mergekit does not support {flags}; use --engine longctx")
-    settings = ExtractionSettings(rank=rank, embeddings=embeddings, device=device, target_modules=target_modules)
-    settings.validate()
-    output_dir = check_output_free(output_dir, overwrite)
-    base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
-    rope = _rope_settings(read_json(extended_dir / "config.json"))
-    command = mergekit_command() + ["--model", str(extended_dir), "--base-model", str(base_dir), "--max-rank", str(settings.rank)]
-    if embeddings == "lora":
-        command.append("--embed-lora")
-    elif embeddings == "skip":
-        command += ["--exclude-regex", r"embed_tokens|lm_head"]
-    for target in target_modules or []:
-        command += ["--include-regex", rf"(^|\.){target}$"]
-    command += ["--cuda"] if device.startswith("cuda") else ["--no-cuda"]
-    if not show_progress:
-        command.append("--quiet")
-    started = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        result = subprocess.run(command + ["--out-path", str(tmp)], capture_output=True, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise LongctxError(f"mergekit-extract-lora failed (exit {result.returncode}): {last}")
-        seconds = time.perf_counter() - started
-        modules = measure_adapter(base_dir, extended_dir, tmp, show_progress=show_progress)
-        errors = [m["relative_error"] for m in modules if m.get("relative_error") is not None]
-        report = {
-            "engine": "mergekit",
-            "command": command,
-            "base_model": str(base_dir),
-            "extended_model": str(extended_dir),
-            "settings": {"rank": settings.rank, "embeddings": embeddings, "target_modules": target_modules, "device": device},
-            "summary": summarize(modules, (tmp / adapter_format.ADAPTER_WEIGHTS).stat().st_size, seconds, errors),
-            "modules": modules,
-        }
-        write_json(tmp / REPORT_FILE, report)
-        write_sidecar(tmp, base_dir, extended_dir, rope, engine="mergekit")
-    report["output"] = str(output_dir)
-    return report

@@ -60,8 +60,9 @@ def oversampling(rank: int) -> int:
 def frobenius_sq(matrix: torch.Tensor) -> float:
     """||M||_F^2: row norms in the matrix's dtype, their squares summed in float64.
 
-    As accurate as a float64 norm (a float32 norm of 2.6e8 elements is 8% off) at a
-    tenth of its cost: the float64 norm first copies the whole matrix to float64.
+    As accurate as a float64 norm (a single float32 norm of a large matrix accumulates
+    rounding error), without the float64 norm's copy of the whole matrix to float64.
+    Figures: benchmarks/extract_lora.py --step kernels.
     """
     rows = matrix.reshape(matrix.shape[0], -1) if matrix.dim() > 1 else matrix.reshape(1, -1)
     return float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
@@ -105,8 +106,8 @@ def exact_svd(delta: torch.Tensor):
 
 def svd_wide(matrix: torch.Tensor):
     """Thin SVD of a wide k x n matrix (k <= n) through the QR of its transpose and the SVD
-    of the k x k triangle: 2-3x faster than LAPACK's gesdd on the k x n matrix at the sizes
-    of a sketch (k = 48, n = 576..1536), to float32 rounding."""
+    of the k x k triangle: the same factors to float32 rounding, faster than LAPACK's gesdd
+    on the k x n matrix at the sizes of a sketch (benchmarks/extract_lora.py --step kernels)."""
     q, r = torch.linalg.qr(matrix.T)  # matrix = r^T q^T
     u, s, wh = torch.linalg.svd(r.T)
     return u, s, wh @ q.T

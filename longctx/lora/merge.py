@@ -24,284 +24,31 @@ Everything is checked before the output directory is created.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import struct
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from longctx.errors import LongctxError
-from longctx.lora.adapter_format import (
-    ADAPTER_WEIGHTS,
-    ADAPTER_WEIGHTS_PICKLE,
-    KEY_PREFIX,
-    module_rank_alpha,
-    module_scaling,
-    read_adapter_config,
+from longctx.lora.adapter import (
+    Adapter,
+    LoraFactors,
+    RopeSettings,
+    add_lora_deltas_,
+    adapter_rope_settings,
+    check_weights,
+    load_adapters,
+    warn_saved_twice,
 )
-from longctx.models.metadata import read_metadata, write_metadata
-from longctx.models.output import (
-    DEFAULT_MAX_SHARD_BYTES,
-    atomic_output_dir,
-    check_output_free,
-    copy_auxiliary_files,
-    read_json,
-    write_json,
-)
-from longctx.models.tensors import SAFETENSORS_DTYPE_NAMES, TensorLocation, TensorReader
+from longctx.models.dtypes import DTYPE_NAMES, dtype_name, torch_dtype
+from longctx.models.metadata import write_metadata
+from longctx.models.output import atomic_output_dir, check_output_free, copy_auxiliary_files, read_json, write_json
+from longctx.models.tensors import TensorReader
+from longctx.models.writer import DEFAULT_MAX_SHARD_BYTES, SafetensorsWriter, tensor_nbytes
 
 log = logging.getLogger(__name__)
-
-# PEFT initialisations that change the base weights: such an adapter only fits its own residual base.
-BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------
-# Adapters
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoraFactors:
-    """One LoRA module of one adapter: delta = scaling * B @ A, in the base weight's layout."""
-
-    A: torch.Tensor  # r x in (lora_embedding_A: r x num_embeddings)
-    B: torch.Tensor  # out x r (lora_embedding_B: embedding_dim x r)
-    scaling: float
-    embedding: bool = False
-    fan_in_fan_out: bool = False
-    bias: torch.Tensor | None = None  # lora_B.bias (lora_bias: true)
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def transposed(self) -> bool:
-        """PEFT transposes B @ A for embeddings and for fan_in_fan_out (Conv1D) layers."""
-        return self.embedding or self.fan_in_fan_out
-
-    def delta_shape(self) -> tuple[int, int]:
-        out_dim, in_dim = self.B.shape[0], self.A.shape[1]
-        return (in_dim, out_dim) if self.transposed else (out_dim, in_dim)
-
-
-def add_lora_deltas_(target: torch.Tensor, terms: list[tuple[float, LoraFactors]]) -> torch.Tensor:
-    """target += Σ w * scaling * B @ A over terms of one layout, in place, in one pass over target.
-
-    The factors are stacked (A: [w s A_i], B: [B_i]) so one matmul adds every delta: the
-    target is read and written once, however many adapters touch it."""
-    A = torch.cat([factors.A.to(target.device, torch.float32) * (weight * factors.scaling) for weight, factors in terms])
-    B = torch.cat([factors.B.to(target.device, torch.float32) for _, factors in terms], dim=1)
-    if terms[0][1].transposed:  # embeddings and fan_in_fan_out: (B A)^T = A^T B^T
-        return target.addmm_(A.T, B.T)
-    return target.addmm_(B, A)
-
-
-@dataclass
-class Adapter:
-    """A PEFT LoRA adapter read into memory (adapters are small next to the model)."""
-
-    path: Path
-    config: dict
-    loras: dict[str, LoraFactors]  # module name -> factors
-    base_layer_tensors: dict[str, torch.Tensor]  # base tensor name -> the adapter's copy of that base weight
-    saved_modules: dict[str, torch.Tensor]  # base tensor name -> modules_to_save copy (replaces the module)
-    metadata: dict | None = None  # longctx.json, when the adapter has one
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def modules_to_save(self) -> list[str]:
-        return sorted({name.rsplit(".", 1)[0] for name in self.saved_modules})
-
-    def ranks(self) -> list[int]:
-        return sorted({factors.rank for factors in self.loras.values()})
-
-
-def check_mergeable_config(config: dict, adapter_dir: Path) -> None:
-    """Refuse adapter types whose effect is not W + scaling * B A."""
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise LongctxError(f"{adapter_dir} is a {peft_type} adapter; only LoRA adapters can be merged")
-    if config.get("use_dora"):
-        raise LongctxError(
-            f"{adapter_dir} is a DoRA adapter (use_dora: true), whose merge depends on weight norms; "
-            "merge it with PEFT's merge_and_unload, or train a plain LoRA"
-        )
-    if config.get("target_parameters"):
-        raise LongctxError(f"{adapter_dir} targets raw parameters (target_parameters), which cannot be merged here; use PEFT")
-    if config.get("alora_invocation_tokens"):
-        raise LongctxError(f"{adapter_dir} is an activated LoRA (alora_invocation_tokens), which cannot be merged into weights")
-    if config.get("layer_replication"):
-        raise LongctxError(f"{adapter_dir} uses layer_replication, which changes the model's layers; merge it with PEFT")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
-        raise LongctxError(
-            f"{adapter_dir} was initialised with {init}, which changes the base weights; convert it to a plain LoRA "
-            "when saving (PEFT's path_initial_model_for_weight_conversion) and merge that"
-        )
-
-
-def _load_adapter_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        try:
-            return load_file(adapter_dir / ADAPTER_WEIGHTS)
-        except Exception as error:  # safetensors raises its own error types
-            raise LongctxError(f"cannot read {adapter_dir / ADAPTER_WEIGHTS}: {error}; the file is corrupt or truncated") from error
-    if (adapter_dir / ADAPTER_WEIGHTS_PICKLE).is_file():
-        if not allow_pickle:
-            raise LongctxError(
-                f"{adapter_dir} holds a pickle adapter ({ADAPTER_WEIGHTS_PICKLE}), which can run code when loaded; "
-                "pass --allow-pickle if you trust it, or re-save it as safetensors"
-            )
-        return torch.load(adapter_dir / ADAPTER_WEIGHTS_PICKLE, map_location="cpu", weights_only=True)
-    raise LongctxError(f"{adapter_dir} has no adapter weights: expected {ADAPTER_WEIGHTS}")
-
-
-_LORA_PARTS = {
-    ".lora_A.weight": ("A", False),
-    ".lora_B.weight": ("B", False),
-    ".lora_B.bias": ("bias", False),
-    ".lora_embedding_A": ("A", True),
-    ".lora_embedding_B": ("B", True),
-}
-
-
-def load_adapter(adapter_dir: str | Path, *, allow_pickle: bool = False) -> Adapter:
-    """Read and validate one PEFT LoRA adapter directory."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise LongctxError(f"adapter {adapter_dir} does not exist; give a local PEFT adapter directory")
-    config = read_adapter_config(adapter_dir)
-    check_mergeable_config(config, adapter_dir)
-    tensors = _load_adapter_tensors(adapter_dir, allow_pickle)
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    embedding_modules: set[str] = set()
-    base_layer_tensors: dict[str, torch.Tensor] = {}
-    saved_modules: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(KEY_PREFIX):
-            raise LongctxError(f"{adapter_dir}: unexpected tensor {key} (PEFT keys start with {KEY_PREFIX}); the adapter is not in PEFT's format")
-        name = key[len(KEY_PREFIX):]
-        part = next((suffix for suffix in _LORA_PARTS if name.endswith(suffix)), None)
-        if part is not None:
-            module = name[: -len(part)]
-            role, embedding = _LORA_PARTS[part]
-            parts.setdefault(module, {})[role] = tensor
-            if embedding:
-                embedding_modules.add(module)
-        elif "lora_magnitude_vector" in name:
-            raise LongctxError(f"{adapter_dir} holds DoRA magnitudes ({key}); only plain LoRA adapters can be merged")
-        elif ".lora_" in name or "trainable_tokens" in name:
-            raise LongctxError(f"{adapter_dir}: tensor {key} is of a LoRA variant that cannot be merged here; use PEFT")
-        elif ".base_layer." in name:
-            base_layer_tensors[name.replace(".base_layer.", ".")] = tensor
-        else:
-            saved_modules[name] = tensor
-
-    loras = {}
-    for module, found in parts.items():
-        if "A" not in found or "B" not in found:
-            missing = "lora_B" if "A" in found else "lora_A"
-            raise LongctxError(f"{adapter_dir}: module {module} has no {missing} tensor; the adapter is incomplete")
-        rank, _ = module_rank_alpha(config, module)
-        A, B = found["A"], found["B"]
-        if A.ndim != 2 or B.ndim != 2:
-            raise LongctxError(f"{adapter_dir}: module {module} is not a linear or embedding LoRA (lora_A has {A.ndim} dims); only those can be merged")
-        if A.shape[0] != rank or B.shape[1] != rank:
-            raise LongctxError(
-                f"{adapter_dir}: module {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} but the config "
-                f"says rank {rank}; the adapter config does not match its weights"
-            )
-        if "bias" in found and not config.get("lora_bias"):
-            raise LongctxError(f"{adapter_dir}: module {module} has lora_B.bias but lora_bias is not set in the config")
-        loras[module] = LoraFactors(
-            A=A,
-            B=B,
-            scaling=module_scaling(config, module),
-            embedding=module in embedding_modules,
-            fan_in_fan_out=bool(config.get("fan_in_fan_out")) and module not in embedding_modules,
-            bias=found.get("bias"),
-        )
-    if not loras and not saved_modules and not base_layer_tensors:
-        raise LongctxError(f"{adapter_dir} holds no LoRA tensors; nothing to merge")
-    return Adapter(adapter_dir, config, loras, base_layer_tensors, saved_modules, read_metadata(adapter_dir))
-
-
-def load_adapters(paths: Iterable[str | Path], *, allow_pickle: bool = False) -> list[Adapter]:
-    paths = [Path(path) for path in paths]
-    if not paths:
-        raise LongctxError("no adapters given; pass at least one adapter directory")
-    return [load_adapter(path, allow_pickle=allow_pickle) for path in paths]
-
-
-def check_weights(weights: list[float] | None, count: int) -> list[float]:
-    if weights is None:
-        return [1.0] * count
-    if len(weights) != count:
-        raise LongctxError(f"{len(weights)} weights for {count} adapters; give one weight per adapter (--weights)")
-    if not all(math.isfinite(weight) for weight in weights):
-        raise LongctxError("weights must be finite numbers")
-    return [float(weight) for weight in weights]
-
-
-def warn_saved_twice(adapters: list[Adapter]) -> list[str]:
-    """modules_to_save of a later adapter replace an earlier one's: say which, since the earlier is lost."""
-    warnings = []
-    owners: dict[str, str] = {}
-    for adapter in adapters:
-        for module in adapter.modules_to_save():
-            if module in owners:
-                warnings.append(
-                    f"{module} is saved in full by both {owners[module]} and {adapter.name}: the later one ({adapter.name}) wins"
-                )
-            owners[module] = adapter.name
-    return warnings
-
-
-# ---------------------------------------------------------------------------------------
-# Rope settings carried by adapters
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RopeSettings:
-    rope_parameters: dict
-    max_position_embeddings: int
-    source: str  # the adapter they came from
-
-
-def adapter_rope_settings(adapters: list[Adapter]) -> tuple[RopeSettings | None, list[str]]:
-    """The rope settings to apply (the last adapter carrying them wins) and warnings when adapters disagree."""
-    carried = [
-        RopeSettings(adapter.metadata["rope_parameters"], int(adapter.metadata["max_position_embeddings"]), adapter.name)
-        for adapter in adapters
-        if adapter.metadata and adapter.metadata.get("rope_parameters") and adapter.metadata.get("max_position_embeddings")
-    ]
-    if not carried:
-        return None, []
-    chosen = carried[-1]
-    warnings = [
-        f"adapters disagree on rope settings: {other.source} has {other.rope_parameters} / {other.max_position_embeddings}, "
-        f"{chosen.source} has {chosen.rope_parameters} / {chosen.max_position_embeddings}; using {chosen.source}'s (the last)"
-        for other in carried[:-1]
-        if (other.rope_parameters, other.max_position_embeddings) != (chosen.rope_parameters, chosen.max_position_embeddings)
-    ]
-    return chosen, warnings
-
 
 # ---------------------------------------------------------------------------------------
 # The merge plan: what happens to each output tensor, decided and checked before writing
@@ -420,7 +167,7 @@ def plan_merge(
                 slots.apply(f"{module}.bias", Op("add", tensor=factors.bias.float() * factors.scaling, weight=weight))
         for name, tensor in adapter.saved_modules.items():
             require(adapter, name, tensor.shape, "module to save")
-            slots.replace_module(name, Op("set", tensor=tensor), keep_tie=bool(adapter.config.get("ensure_weight_tying")))
+            slots.replace_module(name, Op("set", tensor=tensor), keep_tie=bool(adapter.config.ensure_weight_tying))
 
     untied = sorted(target for target, source in ties.items() if target not in slots.tied)
     output_names = list(base_names)
@@ -469,113 +216,6 @@ def apply_ops(base: torch.Tensor, ops: list[Op], *, device: str | torch.device =
 
 
 # ---------------------------------------------------------------------------------------
-# Writing: safetensors shards whose headers are known in advance
-# ---------------------------------------------------------------------------------------
-
-
-def _shard_layout(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        if shards[-1] and size + nbytes[name] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes[name]
-    return shards
-
-
-def _write_all(file, data) -> None:
-    view, done = memoryview(data).cast("B"), 0
-    while done < len(view):
-        done += file.write(view[done:])
-
-
-class StreamingSafetensorsWriter:
-    """Write save_pretrained-style shards one tensor at a time, holding none of them.
-
-    Every tensor's name, shape and dtype is given up front, so each shard's header (and
-    the index) can be written before the data; `write` then appends each tensor's bytes
-    in the announced order, and `copy` appends an unchanged tensor straight from its source
-    file (in the kernel, without passing through our memory). Files are valid after `close()`.
-    """
-
-    COPY_BLOCK = 64 * 1024**2
-
-    def __init__(self, out_dir: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.out_dir = Path(out_dir)
-        self.layout = layout
-        element = {name: torch.empty((), dtype=dtype).element_size() for name, (_, dtype) in layout.items()}
-        self.nbytes = {name: math.prod(shape) * element[name] for name, (shape, _) in layout.items()}
-        self.shards = _shard_layout(list(layout), self.nbytes, max_shard_bytes)
-        count = len(self.shards)
-        self.file_names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        self.order = [name for shard in self.shards for name in shard]
-        self._shard_starts = {shard[0] for shard in self.shards if shard}
-        self._next = 0
-        self._shard_index = -1
-        self._file = None
-
-    def _open_next_shard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._shard_index += 1
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name in self.shards[self._shard_index]:
-            shape, dtype = self.layout[name]
-            header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes[name]]}
-            offset += self.nbytes[name]
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        self._file = open(self.out_dir / self.file_names[self._shard_index], "wb", buffering=0)
-        _write_all(self._file, struct.pack("<Q", len(encoded)) + encoded)
-
-    def _start(self, name: str, shape, dtype: torch.dtype) -> None:
-        expected = self.order[self._next] if self._next < len(self.order) else None
-        if name != expected or (tuple(shape), dtype) != (tuple(self.layout[name][0]), self.layout[name][1]):
-            raise ValueError(f"tensor {name} {tuple(shape)} {dtype} written out of the announced layout (expected {expected})")
-        if name in self._shard_starts:
-            self._open_next_shard()
-        self._next += 1
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._start(name, tensor.shape, tensor.dtype)
-        if tensor.numel():
-            _write_all(self._file, tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-
-    def copy(self, name: str, source: TensorLocation) -> None:
-        """Append a tensor's bytes unchanged from a safetensors file."""
-        self._start(name, source.shape, source.dtype)
-        with open(source.path, "rb", buffering=0) as handle:
-            offset, left = source.offset, source.nbytes
-            while left:
-                try:
-                    copied = os.copy_file_range(handle.fileno(), self._file.fileno(), min(left, self.COPY_BLOCK), offset)
-                except OSError:  # not supported between these files: copy through a buffer
-                    handle.seek(offset)
-                    block = handle.read(min(left, self.COPY_BLOCK))
-                    _write_all(self._file, block)
-                    copied = len(block)
-                if not copied:
-                    raise LongctxError(f"{source.path} is truncated; re-save the model")
-                offset += copied
-                left -= copied
-
-    def close(self) -> list[str]:
-        if self._next != len(self.order):
-            raise ValueError(f"{len(self.order) - self._next} announced tensors were never written")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if len(self.shards) > 1:
-            weight_map = {name: file for shard, file in zip(self.shards, self.file_names) for name in shard}
-            index = {"metadata": {"total_size": sum(self.nbytes.values())}, "weight_map": dict(sorted(weight_map.items()))}
-            write_json(self.out_dir / "model.safetensors.index.json", index)
-        return self.file_names
-
-
-# ---------------------------------------------------------------------------------------
 # The merge
 # ---------------------------------------------------------------------------------------
 
@@ -597,16 +237,12 @@ class MergeResult:
     seconds: float
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None or name == "auto":
         return None
-    if name not in DTYPES:
-        raise LongctxError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)} or auto (the base model's)")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise LongctxError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)} or auto (the base model's)")
+    return torch_dtype(name)
 
 
 def resolve_device(device: str) -> str:
@@ -666,7 +302,7 @@ def merge_adapters(
     rope, rope_warnings = adapter_rope_settings(adapters)
     try:
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    except Exception as error:
+    except (OSError, ValueError, KeyError) as error:
         raise LongctxError(f"cannot read the config of {base_dir}: {error}") from error
     base_config = read_json(Path(base_dir) / "config.json")
 
@@ -680,29 +316,29 @@ def merge_adapters(
 
         layout = {name: (plan.shapes[name], plan.dtypes[name]) for name in plan.tensors}
         with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-            writer = StreamingSafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes)
-            bar = tqdm(total=sum(writer.nbytes.values()), unit="B", unit_scale=True, desc="merging", disable=not progress)
-            for name in writer.order:
-                source, ops = plan.tensors[name]
-                if not reader.is_pickle and not ops and reader.dtype(source) == plan.dtypes[name] and source not in plan.base_copies:
-                    writer.copy(name, reader.location(source))  # unchanged: bytes go from file to file
-                    bar.update(writer.nbytes[name])
-                    continue
-                tensor = reader.get(source)
-                for adapter_name, copy in plan.base_copies.pop(source, []):
-                    if not torch.equal(copy.to(tensor.dtype), tensor):
-                        warning = (
-                            f"{adapter_name} was trained on a different {source} than the base model's: adding its delta "
-                            "to the base model's (PEFT would load the adapter's copy over it)"
-                        )
-                        log.warning("warning: %s", warning)
-                        plan.warnings.append(warning)
-                if ops:
-                    tensor = apply_ops(tensor, ops, device=device)
-                writer.write(name, tensor.to(plan.dtypes[name]))
-                bar.update(writer.nbytes[name])
+            bar = tqdm(total=sum(tensor_nbytes(*entry) for entry in layout.values()), unit="B", unit_scale=True,
+                       desc="merging", disable=not progress)
+            with SafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
+                for name, (shape, dtype) in layout.items():
+                    source, ops = plan.tensors[name]
+                    if not reader.is_pickle and not ops and reader.dtype(source) == dtype and source not in plan.base_copies:
+                        writer.copy(name, reader.location(source))  # unchanged: bytes go from file to file
+                        bar.update(tensor_nbytes(shape, dtype))
+                        continue
+                    tensor = reader.get(source)
+                    for adapter_name, copy in plan.base_copies.pop(source, []):
+                        if not torch.equal(copy.to(tensor.dtype), tensor):
+                            warning = (
+                                f"{adapter_name} was trained on a different {source} than the base model's: adding its delta "
+                                "to the base model's (PEFT would load the adapter's copy over it)"
+                            )
+                            log.warning("warning: %s", warning)
+                            plan.warnings.append(warning)
+                    if ops:
+                        tensor = apply_ops(tensor, ops, device=device)
+                    writer.write(name, tensor.to(dtype))
+                    bar.update(tensor_nbytes(shape, dtype))
             bar.close()
-            shard_files = writer.close()
             write_json(tmp / "config.json", new_config)
             copy_auxiliary_files(base_dir, tmp)
             if applied is not None:
@@ -721,8 +357,8 @@ def merge_adapters(
         weights=weights,
         changed_tensors=len(plan.changed()),
         total_tensors=len(plan.tensors),
-        output_bytes=sum(writer.nbytes.values()),
-        shard_files=shard_files,
+        output_bytes=writer.total_bytes,
+        shard_files=writer.files,
         dtype=dtype_name(out_dtype) if out_dtype else ", ".join(sorted({dtype_name(d) for d in plan.dtypes.values()})),
         rope=applied,
         rope_skipped=rope if keep_base_config else None,
@@ -730,28 +366,3 @@ def merge_adapters(
         warnings=plan.warnings,
         seconds=time.perf_counter() - started,
     )
-
-
-def require_hub() -> None:
-    """Fail fast, before any work, when --push_to_hub cannot reach the hub."""
-    from longctx.models.reference import hub_reachable
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline or not hub_reachable():
-        raise LongctxError(
-            "--push_to_hub: cannot reach the Hugging Face hub from here; drop --push_to_hub to write the merged "
-            "model locally and upload it later with `hf upload`"
-        )
-
-
-def push_to_hub(output_dir: str | Path, repo_id: str) -> str:
-    """Upload a merged model directory to the hub as a private repository (the old script's --push_to_hub)."""
-    from huggingface_hub import HfApi
-
-    try:
-        api = HfApi()
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(folder_path=str(output_dir), repo_id=repo_id)
-    except Exception as error:
-        raise LongctxError(f"--push_to_hub: upload of {output_dir} to {repo_id} failed: {error}") from error
-    return repo_id

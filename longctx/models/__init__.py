@@ -1,4 +1,16 @@
-"""Model references, streaming tensor reads, and atomic save_pretrained-style writes.
+"""Models on disk: references, streaming reads, the one safetensors writer, atomic outputs.
+
+What lives where:
+  reference  a model reference (directory, .gguf, smollm2-135m, hub id) to a local directory;
+             the hub probe (hub_available) and --push_to_hub's upload
+  tensors    TensorReader: one tensor at a time from safetensors shards (pickle only if allowed);
+             the safetensors dtype table
+  writer     SafetensorsWriter, the one safetensors writer (announced layout or open; kernel copies)
+  output     atomic_output_dir, check_output_free, JSON and auxiliary-file helpers (no torch)
+  metadata   longctx.json, the sidecar that carries rope settings between steps
+  layout     a model's module structure from its checkpoint (or a meta-device model)
+  dtypes     the dtype names --dtype/--precision accept, and their torch dtypes (no torch import)
+models imports nothing from longctx but errors: train, lora and eval build on it.
 
 Names are imported on first use (PEP 562) so that importing a light helper from here,
 as the CLI's argument definitions do, does not import torch.
@@ -7,7 +19,6 @@ as the CLI's argument definitions do, does not import torch.
 import importlib
 
 _EXPORTS = {
-    "ShardedSafetensorsWriter": "longctx.models.output",
     "atomic_output_dir": "longctx.models.output",
     "check_output_free": "longctx.models.output",
     "copy_auxiliary_files": "longctx.models.output",
@@ -18,6 +29,9 @@ _EXPORTS = {
     "load_model_and_tokenizer": "longctx.models.reference",
     "resolve_model": "longctx.models.reference",
     "TensorReader": "longctx.models.tensors",
+    "SafetensorsWriter": "longctx.models.writer",
+    "tensor_layout": "longctx.models.writer",
+    "write_safetensors": "longctx.models.writer",
 }
 
 __all__ = sorted(_EXPORTS)

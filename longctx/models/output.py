@@ -1,9 +1,10 @@
-"""Write model and adapter directories the way save_pretrained does, atomically.
+"""Write model and adapter directories atomically, and the small files beside the weights.
 
 Every command that writes a directory does it through `atomic_output_dir`: the work
 goes into a hidden temporary directory beside the destination, which is renamed into
 place only when everything succeeded. A failure leaves nothing behind, and an existing
-destination is replaced only with overwrite=True.
+destination is replaced only with overwrite=True. The weights themselves are written by
+longctx.models.writer. Nothing here imports torch, so `longctx --help` stays fast.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from longctx.errors import LongctxError
-
-if TYPE_CHECKING:  # torch is imported where tensors are written, so `longctx --help` stays fast
-    import torch
 
 # Files that make a model directory usable besides its weights and config.
 AUXILIARY_FILES = (
@@ -35,8 +32,6 @@ AUXILIARY_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def check_output_free(dest: str | Path, overwrite: bool) -> Path:
@@ -106,63 +101,3 @@ def copy_auxiliary_files(src_dir: str | Path, dst_dir: str | Path, *, skip: tupl
             shutil.copy2(source, Path(dst_dir) / name)
             copied.append(name)
     return copied
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-class ShardedSafetensorsWriter:
-    """Accumulate tensors and write them as save_pretrained-style shards.
-
-    Tensors are buffered until the shard would exceed max_shard_bytes, then written, so
-    memory holds at most about one shard. `close()` renames shards to
-    model-0000i-of-0000N.safetensors and writes model.safetensors.index.json (or a single
-    model.safetensors when everything fit in one shard), as transformers does.
-    """
-
-    def __init__(self, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.out_dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in names for _, names in self._written):
-            raise ValueError(f"tensor {name} written twice")
-        size = tensor_bytes(tensor)
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self._buffer[name] = tensor.detach().contiguous().cpu()
-        self._buffer_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        from safetensors.torch import save_file
-
-        file_name = f"shard-{len(self._written):05d}.partial"
-        save_file(self._buffer, self.out_dir / file_name, metadata={"format": "pt"})
-        self._written.append((file_name, list(self._buffer)))
-        self._buffer = {}
-        self._buffer_bytes = 0
-
-    def close(self) -> list[str]:
-        """Write what is left, name the shards, write the index. Returns the shard file names."""
-        self.flush()
-        count = len(self._written)
-        if count == 1:
-            final_names = ["model.safetensors"]
-        else:
-            final_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        weight_map = {}
-        for (temp_name, names), final in zip(self._written, final_names):
-            os.replace(self.out_dir / temp_name, self.out_dir / final)
-            weight_map.update({name: final for name in names})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            write_json(self.out_dir / "model.safetensors.index.json", index)
-        return final_names

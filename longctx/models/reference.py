@@ -85,7 +85,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from longctx.models.output import ShardedSafetensorsWriter
+    from longctx.models.writer import write_safetensors
 
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, dest)
     try:
@@ -93,7 +93,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except Exception as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:  # what transformers' GGUF reader raises on a bad file
         raise LongctxError(f"cannot read GGUF file {gguf_path}: {error}") from error
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -104,11 +104,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     try:
         with atomic_output_dir(dest) as tmp:
-            writer = ShardedSafetensorsWriter(tmp)
-            for tensor_name, tensor in model.state_dict().items():
-                if tensor_name not in tied:
-                    writer.add(tensor_name, tensor)
-            writer.close()
+            write_safetensors(tmp, {key: tensor for key, tensor in model.state_dict().items() if key not in tied})
             config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -136,9 +132,14 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return bool(result and result[0])
 
 
-def download_from_hub(repo_id: str) -> Path:
+def hub_available() -> bool:
+    """Whether the hub can be used: HF_HUB_OFFLINE is not set and the hub answers."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline or not hub_reachable():
+    return not offline and hub_reachable()
+
+
+def download_from_hub(repo_id: str) -> Path:
+    if not hub_available():
         raise LongctxError(
             f"cannot reach the Hugging Face hub to fetch {repo_id}; download it where the hub is reachable "
             "and pass the local directory"
@@ -152,8 +153,24 @@ def download_from_hub(repo_id: str) -> Path:
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"],
             )
         )
+    # Broad on purpose: huggingface_hub's HTTP and transport errors share no base class
+    # (HfHubHTTPError is an OSError, its HTTP client's connection errors are not); each
+    # becomes one line naming the repository, with the cause chained.
     except Exception as error:
         raise LongctxError(f"cannot download {repo_id} from the hub: {error}") from error
+
+
+def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
+    """Upload a model directory to the hub as a private repository (merge_adapters' --push_to_hub)."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=True, exist_ok=True)
+        api.upload_folder(folder_path=str(model_dir), repo_id=repo_id)
+    except Exception as error:  # broad on purpose, as in download_from_hub
+        raise LongctxError(f"--push_to_hub: upload of {model_dir} to {repo_id} failed: {error}") from error
+    return repo_id
 
 
 def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu", **model_kwargs):

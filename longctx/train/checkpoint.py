@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
-from longctx.models import ShardedSafetensorsWriter, atomic_output_dir, copy_auxiliary_files, read_json, write_json
+from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json, write_safetensors
 
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
@@ -138,7 +138,7 @@ def save_training_state(
         name = f"state-{trainer_state['global_step']:08d}"
         with atomic_output_dir(checkpoint_dir / name, overwrite=True) as tmp:
             unique, aliases = _unique_storage(model_state)
-            save_file(unique, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+            write_safetensors(tmp, unique, max_shard_bytes=None, metadata={"aliases": json.dumps(aliases)})
             torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
             write_json(tmp / "rng.json", {"ranks": rngs})
             write_json(tmp / "trainer_state.json", trainer_state)
@@ -244,12 +244,7 @@ def write_model_dir(
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with atomic_output_dir(dest, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp)
-        for name, tensor in weights.items():
-            if tied and name == "lm_head.weight":
-                continue
-            writer.add(name, tensor)
-        writer.close()
+        write_safetensors(tmp, {name: tensor for name, tensor in weights.items() if not (tied and name == "lm_head.weight")})
         config.save_pretrained(tmp)
         copy_auxiliary_files(source_dir, tmp)
         write_metadata(tmp, **metadata)
