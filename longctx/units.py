@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 
+_BYTE_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"": 1, "B": 1, **{f"{p}B": 1000 ** (i + 1) for i, p in enumerate("KMGT")},
+               **{f"{p}IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")}}
 _TOKEN_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 
@@ -46,3 +49,15 @@ def format_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def parse_byte_count(text: str) -> int:
+    """'5GB' -> 5e9, '80GiB' -> 80 * 2**30, '500MB', '1024' -> bytes, as transformers reads
+    max_shard_size: decimal units for KB/MB/GB/TB, binary for KiB/MiB/GiB/TiB."""
+    match = _BYTE_COUNT.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 80GiB")
+    value = int(float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return value

@@ -7,6 +7,7 @@ import argparse
 from longctx.commands._args import add_output_arguments, formatter
 from longctx.lora.choices import EMBEDDING_POLICIES, VOCAB_POLICIES
 from longctx.models.dtypes import DTYPE_NAMES
+from longctx.units import format_bytes
 
 DESCRIPTION = """\
 Extract what EXTENDED (a long-context fine-tune) learned on top of BASE as a LoRA adapter,
@@ -96,18 +97,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(count: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
-
-
 def format_timings(timings: dict) -> str:
     """One line: where the time went, phases in seconds summed over the workers."""
     phases = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in timings["phase_seconds"].items())
     return (f"  time: set-up {timings['setup_seconds']:.1f} s, tensor pass {timings['tensor_pass_seconds']:.1f} s on "
-            f"{timings['workers']} worker(s) ({phases} s); read {_size(timings['bytes_read'])} at "
+            f"{timings['workers']} worker(s) ({phases} s); read {format_bytes(timings['bytes_read'])} at "
             f"{timings['read_mb_per_second']:.0f} MB/s")
 
 
@@ -132,7 +126,7 @@ def format_summary(report: dict) -> str:
         lines.append(f"  skipped: {module['module']}: {module['reason']}")
     if len(skipped) > 5:
         lines.append(f"  ... {len(skipped) - 5} more skipped (see the report)")
-    lines.append(f"adapter: {report['output']} ({_size(summary['adapter_bytes'])}) in {summary['seconds']:.1f} s")
+    lines.append(f"adapter: {report['output']} ({format_bytes(summary['adapter_bytes'])}) in {summary['seconds']:.1f} s")
     if "timings" in summary:
         lines.append(format_timings(summary["timings"]))
     lines.append(f"report:  {report['output']}/extraction_report.json; rope settings of EXTENDED in longctx.json")

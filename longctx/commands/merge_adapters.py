@@ -9,6 +9,7 @@ from longctx.commands._args import formatter
 from longctx.commands._run import process_exit_code, run_parser
 from longctx.lora.choices import COMBINE_METHODS
 from longctx.models.dtypes import DTYPE_NAMES
+from longctx.units import format_bytes
 
 DESCRIPTION = """\
 Merge LoRA adapters into a base model: W = W_base + sum_i w_i * scaling_i * B_i A_i, computed in
@@ -91,30 +92,12 @@ def register(subparsers) -> None:
 
 def parse_size(text: str) -> int:
     from longctx.errors import LongctxError
+    from longctx.units import parse_byte_count
 
-    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    cleaned = text.strip().upper().replace("IB", "B")
-    for unit, factor in units.items():
-        if cleaned.endswith(unit):
-            number = cleaned[: -len(unit)]
-            break
-    else:
-        number, factor = cleaned, 1
     try:
-        size = int(float(number) * factor)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise LongctxError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB or 500MB")
-    return size
-
-
-def _human_bytes(count: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
+        return parse_byte_count(text)
+    except ValueError as error:
+        raise LongctxError(f"--max-shard-size: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,7 +138,7 @@ def run_merge(args: argparse.Namespace, common: dict):
     print(f"merged {len(result.adapters)} adapter(s) into {args.base_model} -> {result.output_dir}")
     print_adapters(result)
     print(f"  tensors changed: {result.changed_tensors} of {result.total_tensors}; "
-          f"{_human_bytes(result.output_bytes)} {result.dtype} in {len(result.shard_files)} shard(s)")
+          f"{format_bytes(result.output_bytes)} {result.dtype} in {len(result.shard_files)} shard(s)")
     if result.rope is not None:
         print(f"  rope settings from {result.rope.source}: rope_parameters {result.rope.rope_parameters}, "
               f"max_position_embeddings {result.rope.max_position_embeddings}")

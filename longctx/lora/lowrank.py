@@ -28,8 +28,8 @@ import torch
 # A sketch larger than this fraction of min(m, n) costs about as much as an exact SVD.
 EXACT_FRACTION = 0.25
 MIN_OVERSAMPLE = 8
-# Two power iterations: with one, the error on a low-rank-plus-flat-noise delta (a fine-tune's
-# shape, the hardest for a sketch) is up to 1.5% above the exact SVD's; with two, under 1%.
+# Two power iterations: one leaves the error on a low-rank-plus-flat-noise delta (a fine-tune's
+# shape, the hardest for a sketch) above the 1% of the exact SVD's that the tests hold us to.
 POWER_ITERATIONS = 2
 ERROR_BLOCK_ROWS = 4096
 # float32 singular values sum to ||D||^2 only up to rounding: without a tolerance,

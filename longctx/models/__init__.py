@@ -10,7 +10,8 @@ What lives where:
   metadata   longctx.json, the sidecar that carries rope settings between steps
   layout     a model's module structure from its checkpoint (or a meta-device model)
   dtypes     the dtype names --dtype/--precision accept, and their torch dtypes (no torch import)
-models imports nothing from longctx but errors: train, lora and eval build on it.
+  extend     extend_model: an extended model directory (config from rope/, weights hard-linked)
+models imports only from the levels below it (errors, units, rope): train, lora and eval build on it.
 
 Names are imported on first use (PEP 562) so that importing a light helper from here,
 as the CLI's argument definitions do, does not import torch.

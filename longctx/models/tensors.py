@@ -3,8 +3,8 @@
 Like mergekit's lazy loader: the index maps each tensor name to its shard, and only the
 asked-for tensor is brought into memory. Each safetensors tensor is its own private
 (copy-on-write) memory map of just its bytes, released with the last tensor that views
-it: no copy out of the page cache and no fresh pages to fault in (a plain read of a model
-costs 2-3x more CPU, most of it in the kernel), while a streaming pass still holds only
+it: no copy out of the page cache and no fresh pages to fault in (a plain read costs more
+CPU, most of it in the kernel; benchmarks/RESULTS.md, extract-lora), while a streaming pass still holds only
 the tensors alive, not the touched pages of a whole shard as a map of the shard would.
 Pickle checkpoints (pytorch_model*.bin) are refused unless allow_pickle.
 """

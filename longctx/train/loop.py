@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from longctx.errors import LongctxError
+from longctx.models.dtypes import DTYPE_NAMES, torch_dtype
 from longctx.labels import IGNORE_INDEX
 from longctx.train import checkpoint as ckpt
 from longctx.train.config import StageConfig, TrainConfig
@@ -37,7 +38,6 @@ from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- the distributed environment -------------------------------------------------------------
@@ -232,7 +232,7 @@ def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime:
     for batch in micro_batches:
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
         local = shard_for_sequence_parallel(batch, runtime.sp_rank, runtime.sp_size, labels_shifted=True)
-        with torch.autocast(runtime.device.type, dtype=DTYPES[precision], enabled=precision != "float32"):
+        with torch.autocast(runtime.device.type, dtype=torch_dtype(precision), enabled=precision != "float32"):
             local_sum, _ = module(input_ids=local["input_ids"], position_ids=local["position_ids"],
                                   labels=local["shift_labels"])
         (local_sum * scale).backward()
@@ -458,7 +458,7 @@ def source_dtype(model_dir: Path) -> torch.dtype:
 
     config = read_json(Path(model_dir) / "config.json")
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-    return DTYPES.get(name, torch.float32)
+    return torch_dtype(name) if name in DTYPE_NAMES else torch.float32
 
 
 def _write_final(stage_dir: Path, paths: RunPaths, config: TrainConfig, schedule: list[dict], model_dir: Path,
