@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from longctx import __version__
+from longctx.version import __version__
 from longctx.commands._run import process_exit_code, run_parser
 
 COMMAND_MODULES = [

@@ -1,13 +1,14 @@
 """Imports point down: every import in longctx/ (module-level or inside a function) goes to the
 importing module's own package or to a lower level of the layout below, never up or sideways.
 
+    8  longctx/__init__.py        (the package entry: registers the attention implementations)
     7  __main__
     6  cli
     5  commands
     4  train, lora, eval          (no imports between these three)
     3  models, parallel           (I/O, sequence parallelism)
     2  rope, attention, tasks     (pure math and builders)
-    1  units, labels, longctx/__init__.py
+    1  units, labels, version
     0  errors
 
 A new module or package of longctx/ fails here until it has a level.
@@ -25,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "longctx"
 
 LEVELS = {
     "errors": 0,
-    "longctx": 1,  # the package's own __init__ (its __version__)
+    "version": 1,
     "units": 1,
     "labels": 1,
     "rope": 2,
@@ -39,6 +40,7 @@ LEVELS = {
     "commands": 5,
     "cli": 6,
     "__main__": 7,
+    "longctx": 8,  # the package's own __init__: registers longctx's attention implementations with transformers
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longctx import __version__
+from longctx.version import __version__
 from longctx.models.output import read_json, write_json
 
 METADATA_FILE = "longctx.json"
