@@ -213,3 +213,69 @@ def test_import_longctx_imports_neither_torch_nor_transformers():
     code = "import longctx, sys; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False False"
+
+
+# --- the planner, `extend`, and the loaders ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "native, target, given, expected",
+    [
+        (8192, 16384, {}, {"group_size": 3, "window": 1024}),  # (8192 - 1024) * 3 + 1024 = 22528 >= 16K; 2 is short
+        (8192, 32768, {}, {"group_size": 5, "window": 1024}),
+        (8192, 32768, {"window": 2048}, {"group_size": 5, "window": 2048}),  # exactly 32768
+        (4096, 16384, {"group_size": 8, "window": 1024}, {"group_size": 8, "window": 1024}),  # LongLM's Llama-2 setting
+    ],
+)
+def test_planner_takes_the_smallest_group_that_reaches_the_target(native, target, given, expected):
+    from longctx.rope.self_extend import reach, self_extend_for_length
+
+    settings = self_extend_for_length(native, target, **given)
+    assert settings == expected
+    assert reach(native, settings["group_size"], settings["window"]) >= target
+    if "group_size" not in given:
+        assert reach(native, settings["group_size"] - 1, settings["window"]) < target
+
+
+def test_extend_writes_self_extend_that_our_loader_and_transformers_run(tmp_path, capsys):
+    from longctx.cli import main
+    from longctx.models import load_model_and_tokenizer
+    from longctx.models.metadata import read_metadata
+
+    source = make_tiny_llama(tmp_path / "tiny", max_position_embeddings=64)
+    out = tmp_path / "se"
+    assert main(["extend", "--model", str(source), "--target-len", "200", "--method", "ntk", "--self-extend",
+                 "--window", "16", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["self_extend"] == {"group_size": 4, "window": 16}  # (64 - 16) * 4 + 16 = 208 >= 200
+    assert read_metadata(out)["self_extend"] == config["self_extend"]
+    assert config["rope_parameters"]["rope_theta"] > 10000.0  # ntk underneath
+    model, _ = load_model_and_tokenizer(out)
+    assert model.config._attn_implementation == "longctx_self_extend"
+    ids = torch.randint(3, 259, (1, 120), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        sdpa = load(out, "sdpa")(input_ids=ids).logits
+    assert (ours - sdpa).abs().max() > 1e-3  # the loader really switched attention
+    assert "longctx_self_extend" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "self-extend", "--factor", "2"], "does not apply to method self-extend"),
+        (["--method", "self-extend", "--self-extend"], "drop it"),
+        (["--group-size", "3"], "add --self-extend"),
+        (["--method", "self-extend", "--group-size", "2", "--window", "16"], "reaches only 112"),
+        (["--method", "self-extend", "--window", "64"], "--window 64 must be between"),
+        (["--method", "dynamic", "--self-extend"], "needs a static rope"),
+    ],
+)
+def test_extend_refuses_bad_self_extend_requests(tmp_path, capsys, flags, message):
+    from longctx.cli import main
+
+    source = make_tiny_llama(tmp_path / "tiny", max_position_embeddings=64)
+    out = tmp_path / "se"
+    assert main(["extend", "--model", str(source), "--target-len", "200", *flags, "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -10,6 +10,8 @@ from pathlib import Path
 from longctx.commands._args import add_output_arguments, formatter
 from longctx.commands.plan import add_model_target_method_arguments
 from longctx.errors import LongctxError
+from longctx.rope.planner import METHODS
+from longctx.rope.self_extend import SELF_EXTEND
 from longctx.units import format_bytes
 
 DESCRIPTION = """\
@@ -28,7 +30,15 @@ fine-tuning schedule. yarn's attention temperature sharpens attention at every l
 on small models pass --attention-factor 1 to keep short prompts intact.
 
 dynamic follows transformers' convention: max_position_embeddings stays the original
-length and the base grows with the sequence at inference time."""
+length and the base grows with the sequence at inference time.
+
+Without training: --method self-extend keeps the rope and asks for grouped-position
+attention (Self-Extend: exact positions inside a --window of neighbours, positions divided
+by --group-size beyond it); --self-extend adds the same on top of a static rope method. G
+and W default to Self-Extend's rule, (native - W) * G + W >= --target-len with W = native / 8,
+and go into config.json ("self_extend") and longctx.json. longctx needle, ppl and train
+load such a model with attn_implementation="longctx_self_extend" by themselves; in your own
+code, `import longctx` and pass that attn_implementation to from_pretrained (docs/rope.md)."""
 
 EPILOG = """\
 examples:
@@ -38,6 +48,8 @@ examples:
   longctx extend --model llama-2-7b/ --target-len 64k --method ntk --rope-theta 1e6 --output out/l2-64k
   longctx extend --model llama-2-7b/ --target-len 128k --method yarn --factor 32 --beta-fast 32 --output out/l2-yarn
   longctx extend --target-len 32k --method yarn --output out/smollm2-32k --train configs/smollm2-135m-32k.yaml
+  longctx extend --target-len 16k --method ntk --self-extend --output out/smollm2-16k-se
+  longctx extend --target-len 32k --method self-extend --group-size 5 --window 1024 --output out/smollm2-32k-se
 """
 
 
@@ -49,7 +61,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=formatter,
     )
-    add_model_target_method_arguments(parser)
+    add_model_target_method_arguments(parser, methods=METHODS + (SELF_EXTEND,))
     parser.add_argument("--factor", type=float, metavar="F",
                         help="scale factor instead of target / native length (not for scaling-law)")
     parser.add_argument("--rope-theta", type=float, metavar="T",
@@ -70,6 +82,10 @@ def register(subparsers) -> None:
                                 help="yarn: do not round the correction range to whole dimensions")
     method_options.add_argument("--low-freq-factor", type=float, metavar="L", help="llama3: default 1")
     method_options.add_argument("--high-freq-factor", type=float, metavar="H", help="llama3: default 4")
+    grouped = parser.add_argument_group("grouped-position attention (Self-Extend)")
+    grouped.add_argument("--self-extend", action="store_true", help="add grouped-position attention on top of --method")
+    grouped.add_argument("--group-size", type=int, metavar="G", help="positions beyond the window are divided by G (default: the rule)")
+    grouped.add_argument("--window", type=int, metavar="W", help="neighbour window with exact positions (default: native / 8)")
     parser.set_defaults(func=run)
 
 
@@ -84,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
         from longctx.train.config import load_config
 
         load_config(args.train, model=str(args.output))
+    self_extend = None
+    if args.method == SELF_EXTEND and args.self_extend:
+        raise LongctxError("--self-extend adds grouped attention to a rope method; with --method self-extend drop it")
+    if args.method == SELF_EXTEND or args.self_extend:
+        self_extend = {"group_size": args.group_size, "window": args.window}
+    elif args.group_size is not None or args.window is not None:
+        raise LongctxError("--group-size and --window apply to Self-Extend; add --self-extend or use --method self-extend")
     start = time.perf_counter()
     check_output_free(args.output, args.overwrite)  # before a possible first-time model conversion
     model_dir = resolve_model(args.model)
@@ -96,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         force=args.force,
         allow_pickle=args.allow_pickle,
+        self_extend=self_extend,
         **{name: getattr(args, name) for name in OPTIONS},
     )
     elapsed = time.perf_counter() - start
@@ -105,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  method:  {args.method}: {describe_rope(result.settings)}")
     print(f"  config:  rope_parameters {json.dumps(result.settings['rope_parameters'])}, "
           f"max_position_embeddings {result.settings['max_position_embeddings']}")
+    if result.self_extend:
+        print(f"  grouped: Self-Extend {json.dumps(result.self_extend)}: "
+              f"attn_implementation=\"longctx_self_extend\"")
     print(f"  weights: {len(result.weight_files)} file(s), {format_bytes(result.weight_bytes)}, {how}")
     print(f"  carried: {', '.join(result.carried) or 'no tokenizer or generation files found'}")
     print(f"  record:  {result.output / 'longctx.json'}")

@@ -44,12 +44,12 @@ examples:
 """
 
 
-def add_model_target_method_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_target_method_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
     """--model, --target-len and --method, as plan and extend take them."""
     add_model_argument(parser)
     parser.add_argument("--target-len", type=token_count, required=True, metavar="N",
                         help="context length to reach: 1048576, 1M, 1m, 128k, 128K")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="scaling method (default: %(default)s)")
+    parser.add_argument("--method", choices=methods, default=DEFAULT_METHOD, help="scaling method (default: %(default)s)")
 
 
 def register(subparsers) -> None:

@@ -18,6 +18,8 @@ from longctx.models.output import atomic_output_dir, check_output_free, copy_aux
 from longctx.models.tensors import PICKLE_INDEX, SAFE_INDEX, TensorReader
 from longctx.rope.config import apply_rope_settings, context_length, native_length, rope_settings
 from longctx.rope.planner import rope_for_length
+from longctx.rope.methods import LENGTH_DEPENDENT_TYPES
+from longctx.rope.self_extend import CONFIG_KEY as SELF_EXTEND_KEY, SELF_EXTEND, self_extend_for_length
 
 CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -38,6 +40,7 @@ class ExtendResult:
     weight_bytes: int
     carried: list[str]  # tokenizer and generation files
     metadata: dict
+    self_extend: dict | None = None  # {"group_size", "window"} written to the config, if any
 
 
 def check_weights(model_dir: Path, *, allow_pickle: bool = False) -> list[str]:
@@ -63,9 +66,15 @@ def extend_model(
     overwrite: bool = False,
     force: bool = False,
     allow_pickle: bool = False,
+    self_extend: dict | None = None,
     **overrides,
 ) -> ExtendResult:
-    """Write `output`: the model in model_dir with rope settings for target_len (see rope_for_length)."""
+    """Write `output`: the model in model_dir with rope settings for target_len (see rope_for_length).
+
+    method "self-extend" keeps the rope as it is. `self_extend` asks for grouped-position attention
+    (required with method "self-extend", optional beside a static rope method): {"group_size": G,
+    "window": W}, either None to let rope/self_extend.py plan it; the result goes into config.json,
+    where longctx_self_extend reads it, and into longctx.json."""
     model_dir = Path(model_dir)
     output = Path(output)
     check_output_free(output, overwrite)
@@ -82,9 +91,23 @@ def extend_model(
             f"target length {target_len} is not beyond the model's context length {current}; "
             "choose a longer --target-len, or pass --force to write it anyway"
         )
-    settings = rope_for_length(config, target_len, method, **overrides)
-    weight_files = check_weights(model_dir, allow_pickle=allow_pickle)
     native = native_length(source)
+    if method == SELF_EXTEND:
+        if self_extend is None:
+            self_extend = {}
+        given = sorted(key for key, value in overrides.items() if value is not None)
+        if given:
+            raise LongctxError(f"{', '.join('--' + key.replace('_', '-') for key in given)} does not apply to method "
+                               "self-extend (it keeps the rope as it is); drop it, or use --method M --self-extend")
+        settings = {"rope_parameters": dict(source["rope_parameters"]), "max_position_embeddings": target_len}
+    else:
+        settings = rope_for_length(config, target_len, method, **overrides)
+    if self_extend is not None:
+        if settings["rope_parameters"]["rope_type"] in LENGTH_DEPENDENT_TYPES:
+            raise LongctxError(f"Self-Extend needs a static rope, but {method} changes the rotation with the length; "
+                               "combine --self-extend with ntk, yarn, linear or llama3")
+        self_extend = self_extend_for_length(native, target_len, **self_extend)
+    weight_files = check_weights(model_dir, allow_pickle=allow_pickle)
 
     tokenizer_config = None
     if (model_dir / TOKENIZER_CONFIG_FILE).is_file():
@@ -95,7 +118,10 @@ def extend_model(
     method_parameters = {key: value for key, value in params.items() if key not in NOT_METHOD_PARAMETERS}
     modes = []
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        write_json(tmp / CONFIG_FILE, apply_rope_settings(config, params, settings["max_position_embeddings"]))
+        new_config = apply_rope_settings(config, params, settings["max_position_embeddings"])
+        if self_extend is not None:
+            new_config[SELF_EXTEND_KEY] = self_extend
+        write_json(tmp / CONFIG_FILE, new_config)
         for name in weight_files:
             modes.append(link_or_copy(model_dir / name, tmp / name))
         carried = copy_auxiliary_files(model_dir, tmp)
@@ -112,6 +138,7 @@ def extend_model(
             source_max_position_embeddings=source["max_position_embeddings"],
             original_max_position_embeddings=native,
             target_len=target_len,
+            **({SELF_EXTEND_KEY: self_extend} if self_extend is not None else {}),
             **method_parameters,
         )
     return ExtendResult(
@@ -126,5 +153,6 @@ def extend_model(
         weight_bytes=sum((output / name).stat().st_size for name in weight_files),
         carried=carried,
         metadata=metadata,
+        self_extend=self_extend,
     )
 

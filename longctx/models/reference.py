@@ -174,11 +174,19 @@ def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
 
 
 def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu", **model_kwargs):
-    """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer."""
+    """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer; a model
+    whose config asks for grouped-position attention gets attn_implementation="longctx_self_extend"."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from longctx.models.output import read_json
+    from longctx.models.self_extend import attention_implementation
+
     model_dir = resolve_model(reference)
+    if "attn_implementation" not in model_kwargs and (model_dir / "config.json").is_file():
+        implementation = attention_implementation(read_json(model_dir / "config.json"))
+        if implementation is not None:
+            model_kwargs["attn_implementation"] = implementation
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **model_kwargs).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer

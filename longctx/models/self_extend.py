@@ -23,9 +23,9 @@ from longctx.attention.self_extend import self_extend_attention
 from longctx.errors import LongctxError
 from longctx.rope.config import rope_frequencies, rope_types
 from longctx.rope.methods import LENGTH_DEPENDENT_TYPES
+from longctx.rope.self_extend import CONFIG_KEY
 
 ATTENTION_NAME = "longctx_self_extend"
-CONFIG_KEY = "self_extend"
 
 
 def self_extend_settings(config) -> dict | None:

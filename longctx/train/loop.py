@@ -110,10 +110,16 @@ def load_model(model_dir: Path, config: TrainConfig, runtime: Runtime):
     """The causal LM (LoRA-wrapped in lora mode) in training mode, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    attention = "sdpa"
+    from longctx.models.output import read_json
+    from longctx.models.self_extend import attention_implementation
+
+    attention = attention_implementation(read_json(model_dir / "config.json")) or "sdpa"
     if runtime.sp_size > 1:
         import longctx.parallel
 
+        if attention != "sdpa":
+            raise LongctxError(f"{model_dir} asks for {attention} attention, which sequence parallelism cannot shard; "
+                               "train it with sequence_parallel 1, or extend without --self-extend")
         attention = longctx.parallel.ATTENTION_NAME
     try:
         # float32 master weights and optimizer state; precision bfloat16 autocasts the compute (train_step)
