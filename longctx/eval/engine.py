@@ -6,7 +6,8 @@ growing it on demand, and hands each prompt a copy cropped to its shared prefix,
 the rest of the prompt (needle onwards) is processed. With static RoPE scaling a key's
 rotation depends only on its position, so this is exact. With dynamic NTK the rotation
 base depends on the length of the whole forward pass, so a cache built at one length is
-wrong at another: reuse is refused and every prompt is prefilled from scratch.
+wrong at another: reuse is refused and every prompt is prefilled from scratch, its chunks
+rotated as transformers' one-pass prefill would rotate them (eval/rotation.py).
 
 Greedy answers take the expected answer as a draft verified in the prompt's own pass
 (`greedy_answer`), so a right answer costs no decode step.
@@ -30,6 +31,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.attention import cached_attention
+from longctx.eval.rotation import rotation_for_length
 from longctx.rope.config import rope_types
 from longctx.rope.methods import LENGTH_DEPENDENT_TYPES
 
@@ -209,7 +211,8 @@ def greedy_answer(
     then costs no decode step at all; the answer is the greedy one either way."""
     draft = list(draft)[: max(max_new_tokens - 1, 0)]
     cache, position = prefix.start(ids, shared, max_new_tokens)
-    logits = prefill(model, cache, (ids + draft)[position:], chunk_size=prefix.chunk_size, keep=len(draft) + 1)
+    with rotation_for_length(model, len(ids) + len(draft)):
+        logits = prefill(model, cache, (ids + draft)[position:], chunk_size=prefix.chunk_size, keep=len(draft) + 1)
     stop_ids = _stop_ids(model, tokenizer)
     generated: list[int] = []
     for token in islice(_greedy_tokens(model, cache, logits, draft, len(ids)), max_new_tokens):
@@ -249,7 +252,8 @@ def teacher_forced_answer(
     when every one of its tokens is the argmax, as EasyContext's eval_forward does."""
     answer_ids = [token for part in answer_parts for token in part]
     cache, position = prefix.start(ids, shared, len(answer_ids))
-    logits = prefill(model, cache, (ids + answer_ids[:-1])[position:], chunk_size=prefix.chunk_size, keep=len(answer_ids))
+    with rotation_for_length(model, len(ids) + len(answer_ids) - 1):  # one pass over prompt + answer, as transformers'
+        logits = prefill(model, cache, (ids + answer_ids[:-1])[position:], chunk_size=prefix.chunk_size, keep=len(answer_ids))
     predicted = logits.argmax(-1).tolist()
     parts_right, cursor = [], 0
     for part in answer_parts:

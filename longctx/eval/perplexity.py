@@ -3,8 +3,9 @@
 ppl(L) = exp(mean negative log-likelihood of tokens 2..L given the tokens before them), the
 text cut to its first L tokens. With static rope scaling the prediction of token i does not
 depend on anything after it, so one chunked pass over the longest length gives every
-length at once (a prefix of the per-token losses). Dynamic NTK changes the rotation with the
-sequence length, so each length gets its own pass over exactly L tokens.
+length at once (a prefix of the per-token losses). Dynamic NTK and LongRoPE change the
+rotation with the sequence length, so each length gets its own chunked pass over exactly L
+tokens, rotated as transformers rotates one forward pass of L tokens (eval/rotation.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.engine import evaluation_mode, new_cache, prefix_reuse_supported
+from longctx.eval.rotation import rotation_for_length
 from longctx.units import length_label
 
 log = logging.getLogger(__name__)
@@ -37,20 +39,6 @@ def token_losses(model, ids: list[int], *, chunk_size: int = DEFAULT_PPL_CHUNK) 
     return torch.cat(losses).cpu()
 
 
-@torch.no_grad()
-def full_pass_losses(model, ids: list[int], *, chunk_size: int = DEFAULT_PPL_CHUNK) -> torch.Tensor:
-    """Token losses from one forward pass over all of ids (the whole sequence in one attention call),
-    projecting hidden states to the vocabulary chunk by chunk to bound memory."""
-    hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=model.device)).last_hidden_state[0]
-    head = model.get_output_embeddings()
-    targets = torch.tensor(ids[1:], device=model.device)
-    losses = []
-    for start in range(0, len(targets), chunk_size):
-        logits = head(hidden[start : start + chunk_size][: len(targets) - start]).float()
-        losses.append(torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="none"))
-    return torch.cat(losses).cpu()
-
-
 def perplexity_by_length(model, ids: list[int], lengths: list[int], *, chunk_size: int = DEFAULT_PPL_CHUNK) -> dict[int, float]:
     """{L: perplexity of ids[:L]} for each length (see the module docstring)."""
     lengths = sorted(set(lengths))
@@ -64,8 +52,12 @@ def perplexity_by_length(model, ids: list[int], lengths: list[int], *, chunk_siz
         if prefix_reuse_supported(model.config):
             losses = token_losses(model, ids[: lengths[-1]], chunk_size=chunk_size)
             return {L: math.exp(losses[: L - 1].mean().item()) for L in lengths}
-        log.info("dynamic rope: one pass per length (the rotation depends on the sequence length)")
-        return {L: math.exp(full_pass_losses(model, ids[:L], chunk_size=chunk_size).mean().item()) for L in lengths}
+        log.info("length-dependent rope: one pass per length (the rotation depends on the sequence length)")
+        by_length = {}
+        for L in lengths:
+            with rotation_for_length(model, L):
+                by_length[L] = math.exp(token_losses(model, ids[:L], chunk_size=chunk_size).mean().item())
+        return by_length
 
 
 def format_ppl_table(results: dict[str, dict[int, float]], lengths: list[int]) -> str:
