@@ -261,7 +261,7 @@ def test_existing_output_needs_overwrite(tiny_llama, tmp_path, capsys):
     assert main(["extend", "--model", str(tiny_llama), "--target-len", "1K", "--output", str(output), "--overwrite"]) == 0
     assert not (output / "keep.txt").exists() and (output / "longctx.json").is_file()
     status, err = run_cli(["extend", "--model", str(output), "--target-len", "2K", "--output", str(output), "--overwrite"], capsys)
-    assert status == 2 and "is the source model" in err
+    assert status == 2 and "is the model" in err
 
 
 def corrupt(source: Path, how: str) -> None:
@@ -332,19 +332,21 @@ def test_train_problems_are_caught_before_anything_is_written(tiny_llama, tmp_pa
 
 
 def test_train_runs_after_extending(tiny_llama, tmp_path, capsys, monkeypatch):
+    import longctx.train.api
+
     calls = []
 
-    def train_after_extend(*, extended_dir, config_path, overwrite):
-        assert (extended_dir / "longctx.json").is_file()  # called after the output is complete
-        calls.append((extended_dir, config_path, overwrite))
+    def run_training(config, paths, *, overwrite):
+        assert (Path(config.model) / "longctx.json").is_file()  # called after the output is complete
+        calls.append((config.model, paths.output, overwrite))
         return tmp_path / "trained"
 
-    monkeypatch.setitem(sys.modules, "longctx.train.api", types.SimpleNamespace(train_after_extend=train_after_extend))
+    monkeypatch.setattr(longctx.train.api, "run_training", run_training)
     (tmp_path / "train.yaml").write_text("stages: [{seq_len: 1k, steps: 1, learning_rate: 1.0e-5}]\n")
     output = tmp_path / "out"
     assert main(["extend", "--model", str(tiny_llama), "--target-len", "1k", "--output", str(output),
                  "--train", str(tmp_path / "train.yaml")]) == 0
-    assert calls == [(output, tmp_path / "train.yaml", False)]
+    assert calls == [(str(output), tmp_path / "out-trained", False)]
     assert f"trained model: {tmp_path / 'trained'}" in capsys.readouterr().out
 
 

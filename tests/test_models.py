@@ -231,7 +231,7 @@ def test_atomic_output_dir_refuses_existing_unless_overwrite(tmp_path):
 
 
 def test_unknown_reference_and_unreachable_hub_fail_fast(tmp_path, monkeypatch):
-    with pytest.raises(LongctxError, match="not found"):
+    with pytest.raises(LongctxError, match="does not exist"):
         resolve_model(str(tmp_path / "nope"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LongctxError, match="cannot reach the Hugging Face hub"):

@@ -154,8 +154,8 @@ def test_bfloat16_precision_autocasts_and_saves_in_the_source_dtype(tmp_path, co
     computed = []  # (weight dtype, output dtype) of a projection in each training forward
     load_model = loop.load_model
 
-    def load_and_watch(*args):
-        model, tokenizer = load_model(*args)
+    def load_and_watch(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
         projection = model.model.layers[0].self_attn.q_proj
         projection.register_forward_hook(lambda module, inputs, output: computed.append((module.weight.dtype, output.dtype)))
         return model, tokenizer

@@ -42,6 +42,13 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, flag: str = "--outp
     parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
 
 
+def add_allow_pickle_argument(parser) -> None:
+    """--allow-pickle, as every command that reads weights takes it (the refusal is TensorReader's)."""
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickle weights (pytorch_model*.bin, adapter_model.bin), which can run code when "
+                        "loaded: only for files you trust")
+
+
 def formatter(prog: str) -> argparse.HelpFormatter:
     """Keeps the examples in epilogs as written and shows defaults."""
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)

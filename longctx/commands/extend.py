@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from longctx.commands._args import add_output_arguments, formatter
+from longctx.commands._args import add_allow_pickle_argument, add_output_arguments, formatter
 from longctx.commands.plan import add_model_target_method_arguments
 from longctx.errors import LongctxError
 from longctx.rope.planner import METHODS
@@ -69,8 +69,7 @@ def register(subparsers) -> None:
                         "other methods: the base theta they scale")
     add_output_arguments(parser)
     parser.add_argument("--force", action="store_true", help="write even if --target-len is not beyond the model's length")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pytorch_model*.bin weights (pickles can run code when loaded)")
+    add_allow_pickle_argument(parser)
     parser.add_argument("--train", metavar="FILE", help="after extending, fine-tune with this training config (YAML)")
     method_options = parser.add_argument_group("method options (yarn, llama3)")
     method_options.add_argument("--beta-fast", type=float, metavar="B", help="yarn: rotations where extrapolation stops (transformers default 32)")
@@ -92,14 +91,19 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from longctx.models import check_output_free, resolve_model
     from longctx.models.extend import extend_model
+    from longctx.models.reference import reference_path
     from longctx.rope.planner import OPTIONS, describe_rope
 
-    if args.train:  # a missing or bad training config fails before anything is written
+    start = time.perf_counter()
+    inputs = {"the model": reference_path(args.model), "the training config": args.train and Path(args.train)}
+    check_output_free(args.output, args.overwrite, inputs=inputs)  # before a possible first-time model conversion
+    training = None
+    if args.train:  # the whole training run is checked before anything is written
         if not Path(args.train).is_file():
             raise LongctxError(f"training config {args.train} not found; give an existing YAML file to --train")
-        from longctx.train.config import load_config
+        from longctx.train.api import prepare_after_extend
 
-        load_config(args.train, model=str(args.output))
+        training = prepare_after_extend(Path(args.output), Path(args.train), overwrite=args.overwrite)
     self_extend = None
     if args.method == SELF_EXTEND and args.self_extend:
         raise LongctxError("--self-extend adds grouped attention to a rope method; with --method self-extend drop it")
@@ -107,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
         self_extend = {"group_size": args.group_size, "window": args.window}
     elif args.group_size is not None or args.window is not None:
         raise LongctxError("--group-size and --window apply to Self-Extend; add --self-extend or use --method self-extend")
-    start = time.perf_counter()
-    check_output_free(args.output, args.overwrite)  # before a possible first-time model conversion
     model_dir = resolve_model(args.model)
     result = extend_model(
         model_dir,
@@ -138,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.train:
         print(f"next: longctx needle --model {result.output}   (or fine-tune: longctx train, see `longctx plan`)")
         return 0
-    from longctx.train.api import train_after_extend
+    from longctx.train.api import run_training
 
-    trained = train_after_extend(extended_dir=Path(args.output), config_path=Path(args.train), overwrite=args.overwrite)
+    trained = run_training(*training, overwrite=args.overwrite)
     print(f"trained model: {trained}")
     return 0

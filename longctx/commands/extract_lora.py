@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from longctx.commands._args import add_output_arguments, formatter
+from longctx.commands._args import add_allow_pickle_argument, add_output_arguments, formatter
 from longctx.lora.choices import EMBEDDING_POLICIES, VOCAB_POLICIES
 from longctx.models.dtypes import DTYPE_NAMES
 from longctx.units import format_bytes
@@ -71,8 +71,7 @@ def register(subparsers) -> None:
     parser.add_argument("--engine", choices=("longctx", "mergekit"), default="longctx",
                         help="longctx (streaming randomized SVD) or mergekit-extract-lora (its exact numbers) "
                         "(default: %(default)s)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="read pytorch_model*.bin checkpoints (pickle can run code: only for trusted files)")
+    add_allow_pickle_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketch (default: %(default)s)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="tensor pairs read and factored side by side, each on one CPU thread; peak memory "

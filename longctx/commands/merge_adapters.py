@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longctx.commands._args import formatter
+from longctx.commands._args import add_allow_pickle_argument, formatter
 from longctx.commands._run import process_exit_code, run_parser
 from longctx.lora.choices import COMBINE_METHODS
 from longctx.models.dtypes import DTYPE_NAMES
@@ -61,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new.add_argument("--keep-base-config", action="store_true",
                      help="keep the base config's rope settings even when an adapter carries long-context ones")
     new.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    new.add_argument("--allow-pickle", action="store_true",
-                     help="accept pickle checkpoints (pytorch_model*.bin, adapter_model.bin); they can run code")
+    add_allow_pickle_argument(new)
     new.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                      help="largest output shard, e.g. 2GB or 500MB (default: %(default)s)")
 
@@ -111,6 +110,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.combine and not args.base_model:
         raise LongctxError("--base_model_name_or_path is required to merge (only --combine works without a base model)")
+    if args.combine and args.base_model:
+        raise LongctxError("--combine writes one adapter and reads no base model; drop --base_model_name_or_path, "
+                           "or drop --combine to merge into it")
+    if not args.combine:
+        given = [flag for flag, value, default in (("--svd-rank", args.svd_rank, None), ("--density", args.density, 1.0),
+                 ("--majority-sign", args.majority_sign, "total"), ("--seed", args.seed, 0)) if value != default]
+        if given:
+            raise LongctxError(f"{', '.join(given)} only apply with --combine; add --combine METHOD or drop them")
     common = dict(weights=args.weights, keep_base_config=args.keep_base_config, overwrite=args.overwrite,
                   allow_pickle=args.allow_pickle)
     result = run_combine(args, common) if args.combine else run_merge(args, common)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from longctx.commands._args import add_model_argument, add_output_arguments, float_list, formatter, token_count, token_count_list
+from longctx.commands._args import add_allow_pickle_argument, add_model_argument, add_output_arguments, float_list, formatter, token_count, token_count_list
 
 DESCRIPTION = """\
 Hide a needle (a passkey, gkamradt's sentence, or RULER's magic keys and values) at each
@@ -72,6 +72,7 @@ def register(subparsers) -> None:
     run.add_argument("--threshold", type=float, default=0.85, help="score defining the effective length (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished samples")
     add_output_arguments(parser)
+    add_allow_pickle_argument(parser)
     parser.set_defaults(func=run_command)
 
 
@@ -100,7 +101,8 @@ def run_command(args: argparse.Namespace) -> int:
         scoring=args.scoring, prompt=args.prompt, seed=args.seed, needle=args.needle, question=args.question,
         answer_prefix=args.answer_prefix, answer=args.answer,
     )
-    summary = run_grid(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite)
+    summary = run_grid(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite,
+                       allow_pickle=args.allow_pickle)
     print(format_table(summary))
     effective = summary["effective_length"]
     print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from longctx.commands._args import add_output_arguments, formatter, token_count, token_count_list
+from longctx.commands._args import add_allow_pickle_argument, add_output_arguments, formatter, token_count, token_count_list
 from longctx.models.reference import DEFAULT_MODEL
 
 DESCRIPTION = """\
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--lengths", type=token_count_list, required=True, metavar="L,L,...", help="context lengths, e.g. 1k,2k,4k")
     parser.add_argument("--chunk-size", type=token_count, default=1024, metavar="T", help="tokens per forward chunk (default: %(default)s)")
     add_output_arguments(parser, required=False)
+    add_allow_pickle_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -51,19 +52,23 @@ def run(args: argparse.Namespace) -> int:
     from longctx.eval.perplexity import format_ppl_table, perplexity_by_length, plot_ppl
     from longctx.models import atomic_output_dir, check_output_free, load_model_and_tokenizer, resolve_model
 
+    from longctx.models.reference import reference_path
+    from longctx.tasks.haystacks import haystack_path
+
+    references = args.model or [DEFAULT_MODEL]
     if args.output:
-        check_output_free(args.output, args.overwrite)
+        inputs = {f"model {reference}": reference_path(reference) for reference in references}
+        check_output_free(args.output, args.overwrite, inputs={**inputs, "the text": haystack_path(args.text)})
     if not args.lengths:
         raise LongctxError("no lengths: pass --lengths 1k,2k,4k")
     lengths = sorted(set(args.lengths))
     text = load_haystack_text(args.text)
     if not text.strip():
         raise LongctxError(f"text {args.text!r} is empty; point at a file or dataset with text in it")
-    references = args.model or [DEFAULT_MODEL]
     results: dict[str, dict[int, float]] = {}
     for reference in references:
         model_dir = resolve_model(reference)
-        model, tokenizer = load_model_and_tokenizer(model_dir)
+        model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=args.allow_pickle)
         check_memory(model, lengths[-1], chunk_size=args.chunk_size, reuse=False)
         name = Path(reference).name if Path(reference).exists() else reference
         if name in results:

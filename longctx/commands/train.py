@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from longctx.commands._args import formatter
+from longctx.commands._args import add_allow_pickle_argument, formatter
 
 DESCRIPTION = """\
 Fine-tune a model progressively to a long context, stage by stage (as Gradient took
@@ -54,6 +54,7 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output and start over, discarding earlier checkpoints")
+    add_allow_pickle_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the metrics log is still written)")
     parser.set_defaults(func=run)
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = train_from_config(
         args.config, output=args.output, model=args.model, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, allow_pickle=args.allow_pickle,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

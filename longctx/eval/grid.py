@@ -77,6 +77,11 @@ class GridPlan:
             raise LongctxError(f"depths {bad or '(none)'} outside 0-100; give depths as percentages from 0 to 100")
         if self.samples < 1:
             raise LongctxError("--samples must be at least 1")
+        if not 0.0 < self.threshold <= 1.0:
+            raise LongctxError(f"--threshold {self.threshold:g} is outside (0, 1]; give the mean score a length must reach, "
+                               "e.g. 0.85")
+        if self.chunk_size < 1:
+            raise LongctxError("--chunk-size must be a positive number of tokens")
         self.lengths = sorted(set(self.lengths))
         self.depths = sorted(set(float(d) for d in self.depths))
         self.cells = [(length, depth, i) for length in self.lengths for depth in self.depths for i in range(self.samples)]
@@ -222,7 +227,7 @@ def heatmap_title(summary: dict) -> str:
 
 def run_grid(
     settings: NeedleSettings, plan: GridPlan, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, allow_pickle: bool = False,
 ) -> dict:
     """Run (or resume) a grid, writing results as they finish; returns the summary."""
     from tqdm import tqdm
@@ -230,12 +235,20 @@ def run_grid(
     from longctx.eval.runner import Evaluator
     from longctx.models import load_model_and_tokenizer, resolve_model
 
+    from longctx.models import check_output_free
+    from longctx.models.reference import reference_path
+    from longctx.tasks.haystacks import haystack_path
+
     output = Path(output)
+    if resume and overwrite:
+        raise LongctxError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
     task = settings.make_task()  # validate before touching the output or loading the model
+    check_output_free(output, overwrite or resume, inputs={
+        "the model": reference_path(settings.model), "the haystack": haystack_path(settings.haystack)})
     model_dir = resolve_model(settings.model)
     if output.exists() and not (resume or overwrite):
         prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle)
     model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
     check_memory(model, max(plan.lengths), chunk_size=plan.chunk_size, reuse=plan.prefix_reuse)
     evaluator = Evaluator(

@@ -252,6 +252,11 @@ def load_adapter(adapter_dir: str | Path, *, allow_pickle: bool = False) -> Adap
     return Adapter(adapter_dir, config, loras, base_layer_tensors, saved_modules, read_metadata(adapter_dir))
 
 
+def adapter_inputs(paths: Iterable[str | Path]) -> dict[str, Path]:
+    """The adapters as inputs an output must not overlap (check_output_free)."""
+    return {f"adapter #{number}": Path(path) for number, path in enumerate(paths, 1)}
+
+
 def load_adapters(paths: Iterable[str | Path], *, allow_pickle: bool = False) -> list[Adapter]:
     paths = [Path(path) for path in paths]
     if not paths:

@@ -27,6 +27,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.lora.adapter import (
+    adapter_inputs,
     Adapter,
     LoraFactors,
     RopeSettings,
@@ -184,7 +185,7 @@ def combine_adapters(
         raise LongctxError(f"--majority-sign {majority_sign!r} is unknown; use total or frequency")
     if svd_rank is not None and svd_rank < 1:
         raise LongctxError(f"--svd-rank {svd_rank} must be a positive rank")
-    check_output_free(output_dir, overwrite)
+    check_output_free(output_dir, overwrite, inputs=adapter_inputs(adapter_paths))
     adapters = load_adapters(adapter_paths, allow_pickle=allow_pickle)
     weights = check_weights(weights, len(adapters))
     modules = _entries_by_module(adapters, weights)

@@ -51,6 +51,7 @@ from longctx.models import TensorReader, atomic_output_dir, check_output_free, r
 from longctx.models.dtypes import DTYPE_NAMES, torch_dtype
 from longctx.models.layout import ModelLayout, model_layout
 from longctx.models.metadata import read_metadata, write_metadata
+from longctx.models.reference import reference_path
 from longctx.models.writer import SafetensorsWriter
 from longctx.rope.config import rope_settings
 
@@ -101,13 +102,18 @@ class ExtractionSettings:
             raise LongctxError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
 
+def model_inputs(base: str | Path, extended: str | Path) -> dict:
+    """The inputs an extraction's output must not overlap (check_output_free)."""
+    return {"BASE": reference_path(base), "EXTENDED": reference_path(extended)}
+
+
 def extract_lora(base_dir: str | Path, extended_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False,
                  show_progress: bool = True, **settings) -> dict:
     """Write a PEFT LoRA adapter with base + adapter ~= extended; returns the report dict.
     settings: the fields of ExtractionSettings (rank, energy, max_rank, target_modules, ...)."""
     settings = ExtractionSettings(**settings)
     settings.validate()
-    output_dir = check_output_free(output_dir, overwrite)
+    output_dir = check_output_free(output_dir, overwrite, inputs=model_inputs(base_dir, extended_dir))
     base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
     base_config, extended_config = read_json(base_dir / "config.json"), read_json(extended_dir / "config.json")
     rope = rope_settings(extended_config)

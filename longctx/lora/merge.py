@@ -33,6 +33,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.lora.adapter import (
+    adapter_inputs,
     Adapter,
     LoraFactors,
     RopeSettings,
@@ -44,7 +45,9 @@ from longctx.lora.adapter import (
 )
 from longctx.models.dtypes import DTYPE_NAMES, dtype_name, torch_dtype
 from longctx.models.metadata import write_metadata
-from longctx.models.output import atomic_output_dir, check_output_free, copy_auxiliary_files, read_json, write_json
+from longctx.models.output import (
+    atomic_output_dir, check_output_free, copy_auxiliary_files, read_json, set_model_max_length, write_json,
+)
 from longctx.models.tensors import TensorReader
 from longctx.models.writer import DEFAULT_MAX_SHARD_BYTES, SafetensorsWriter, tensor_nbytes
 
@@ -293,7 +296,9 @@ def merge_adapters(
     from longctx.models.reference import resolve_model
 
     started = time.perf_counter()
-    check_output_free(output_dir, overwrite)
+    from longctx.models.reference import reference_path
+
+    check_output_free(output_dir, overwrite, inputs={"the base model": reference_path(base_model), **adapter_inputs(adapter_paths)})
     base_dir = resolve_model(base_model)
     device = resolve_device(device)
     out_dtype = parse_dtype(dtype)
@@ -315,7 +320,8 @@ def merge_adapters(
             log.warning("warning: %s", warning)
 
         layout = {name: (plan.shapes[name], plan.dtypes[name]) for name in plan.tensors}
-        with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        expected = sum(tensor_nbytes(*entry) for entry in layout.values())
+        with atomic_output_dir(output_dir, overwrite=overwrite, expected_bytes=expected) as tmp:
             bar = tqdm(total=sum(tensor_nbytes(*entry) for entry in layout.values()), unit="B", unit_scale=True,
                        desc="merging", disable=not progress)
             with SafetensorsWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
@@ -342,6 +348,7 @@ def merge_adapters(
             write_json(tmp / "config.json", new_config)
             copy_auxiliary_files(base_dir, tmp)
             if applied is not None:
+                set_model_max_length(tmp, applied.max_position_embeddings)
                 write_metadata(
                     tmp,
                     "merged-model",

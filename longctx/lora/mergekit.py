@@ -11,7 +11,7 @@ from pathlib import Path
 
 from longctx.errors import LongctxError
 from longctx.lora.adapter_format import ADAPTER_WEIGHTS
-from longctx.lora.extract import REPORT_FILE, ExtractionSettings, summarize, write_sidecar
+from longctx.lora.extract import REPORT_FILE, ExtractionSettings, model_inputs, summarize, write_sidecar
 from longctx.lora.measure import measure_adapter
 from longctx.models import atomic_output_dir, check_output_free, read_json, resolve_model, write_json
 from longctx.rope.config import rope_settings
@@ -52,7 +52,7 @@ def extract_lora_with_mergekit(base_dir: str | Path, extended_dir: str | Path, o
     settings = ExtractionSettings(**settings)
     check_supported(settings)
     settings.validate()
-    output_dir = check_output_free(output_dir, overwrite)
+    output_dir = check_output_free(output_dir, overwrite, inputs=model_inputs(base_dir, extended_dir))
     base_dir, extended_dir = resolve_model(base_dir), resolve_model(extended_dir)
     rope = rope_settings(read_json(extended_dir / "config.json"))
     command = mergekit_command() + ["--model", str(extended_dir), "--base-model", str(base_dir), "--max-rank", str(settings.rank)]

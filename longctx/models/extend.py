@@ -14,7 +14,9 @@ from pathlib import Path
 
 from longctx.errors import LongctxError
 from longctx.models.metadata import write_metadata
-from longctx.models.output import atomic_output_dir, check_output_free, copy_auxiliary_files, link_or_copy, read_json, write_json
+from longctx.models.output import (
+    atomic_output_dir, check_output_free, copy_auxiliary_files, link_or_copy, read_json, set_model_max_length, write_json,
+)
 from longctx.models.tensors import PICKLE_INDEX, SAFE_INDEX, TensorReader
 from longctx.rope.config import apply_rope_settings, context_length, native_length, rope_settings
 from longctx.rope.planner import rope_for_length
@@ -77,9 +79,7 @@ def extend_model(
     where longctx_self_extend reads it, and into longctx.json."""
     model_dir = Path(model_dir)
     output = Path(output)
-    check_output_free(output, overwrite)
-    if output.exists() and output.resolve() == model_dir.resolve():
-        raise LongctxError(f"output {output} is the source model; choose another directory")
+    check_output_free(output, overwrite, inputs={"the source model": model_dir})
 
     config = read_json(model_dir / CONFIG_FILE)
     if not isinstance(config, dict):
@@ -109,10 +109,8 @@ def extend_model(
         self_extend = self_extend_for_length(native, target_len, **self_extend)
     weight_files = check_weights(model_dir, allow_pickle=allow_pickle)
 
-    tokenizer_config = None
     if (model_dir / TOKENIZER_CONFIG_FILE).is_file():
-        tokenizer_config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
-        tokenizer_config["model_max_length"] = target_len
+        read_json(model_dir / TOKENIZER_CONFIG_FILE)  # a corrupt one fails before the output is begun
 
     params = settings["rope_parameters"]
     method_parameters = {key: value for key, value in params.items() if key not in NOT_METHOD_PARAMETERS}
@@ -125,8 +123,7 @@ def extend_model(
         for name in weight_files:
             modes.append(link_or_copy(model_dir / name, tmp / name))
         carried = copy_auxiliary_files(model_dir, tmp)
-        if tokenizer_config is not None:
-            write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config)
+        set_model_max_length(tmp, target_len)
         metadata = write_metadata(
             tmp,
             "extended-model",

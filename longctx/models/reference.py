@@ -71,11 +71,35 @@ def resolve_model(reference: str | os.PathLike | None = None) -> Path:
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         return convert_gguf(path, cache_dir() / "models" / f"gguf-{path.stem}-{key}", name=path.stem)
-    if HUB_ID.match(reference) and not path.exists():
+    if path.exists():
+        raise LongctxError(f"{path} is a file; point at a model directory (config.json + safetensors) or a .gguf file")
+    if looks_local(reference):
+        raise LongctxError(f"model directory {path} does not exist; check the path")
+    if HUB_ID.match(reference):
         return download_from_hub(reference)
     raise LongctxError(
         f"model {reference!r} not found: give a model directory, a .gguf file, a hub id, or {DEFAULT_MODEL!r}"
     )
+
+
+def looks_local(reference: str) -> bool:
+    """Whether a reference that names nothing on disk is a mistyped local path rather than a hub id:
+    it is written as a path (./, ../, /, ~, a trailing /) or its parent directory exists here."""
+    if reference.startswith(("/", "./", "../", "~")) or reference.endswith(("/", os.sep)):
+        return True
+    parent = Path(reference).expanduser().parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def reference_path(reference: str | os.PathLike | None) -> Path | None:
+    """What a model reference names on disk, without converting or downloading anything: the
+    directory or .gguf file, the default model's cache directory; None for a hub id. Commands
+    pass it to check_output_free so that no output can be, contain or lie inside a model."""
+    reference = str(reference or DEFAULT_MODEL)
+    if reference == DEFAULT_MODEL:
+        return cache_dir() / "models" / DEFAULT_CACHE_NAME
+    path = Path(reference).expanduser()
+    return path if path.exists() else None
 
 
 def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
@@ -102,9 +126,10 @@ def convert_gguf(gguf_path: Path, dest: Path, *, name: str) -> Path:
     config.architectures = [type(model).__name__]  # config.save_pretrained alone leaves it null; mergekit needs it
     tokenizer.model_max_length = config.max_position_embeddings
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    weights = {key: tensor for key, tensor in model.state_dict().items() if key not in tied}
     try:
-        with atomic_output_dir(dest) as tmp:
-            write_safetensors(tmp, {key: tensor for key, tensor in model.state_dict().items() if key not in tied})
+        with atomic_output_dir(dest, expected_bytes=sum(t.numel() * t.element_size() for t in weights.values())) as tmp:
+            write_safetensors(tmp, weights)
             config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -173,12 +198,47 @@ def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
     return repo_id
 
 
-def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu", **model_kwargs):
-    """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer; a model
-    whose config asks for grouped-position attention gets attn_implementation="longctx_self_extend"."""
+def check_loadable(model_dir: Path, *, allow_pickle: bool = False) -> None:
+    """Fail in one line, before transformers reads a byte of weights, on what would otherwise end
+    in its traceback: missing or truncated shards, pickle weights without allow_pickle (the
+    TensorReader's refusal), a model that needs its own code (trust_remote_code stays off)."""
+    from longctx.models.output import read_json
+    from longctx.models.tensors import TensorReader
+
+    config = read_json(Path(model_dir) / "config.json")
+    if not isinstance(config, dict):
+        raise LongctxError(f"{model_dir}/config.json is not a JSON object; the file is corrupt")
+    from transformers import CONFIG_MAPPING
+
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise LongctxError(
+            f"{model_dir} needs its own modeling code (auto_map in config.json), which longctx does not run "
+            "(trust_remote_code is off); use a model whose architecture transformers implements"
+        )
+    TensorReader(model_dir, allow_pickle=allow_pickle).verify()
+
+
+def load_pretrained(model_dir: Path, *, allow_pickle: bool = False, dtype=None, **model_kwargs):
+    """AutoModelForCausalLM and AutoTokenizer of a local model directory, after check_loadable;
+    what transformers still refuses becomes one line naming the model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_loadable(model_dir, allow_pickle=allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # what transformers raises on a config, weights or tokenizer it cannot use
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LongctxError(f"cannot load model {model_dir}: {first}") from error
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu",
+                             allow_pickle: bool = False, **model_kwargs):
+    """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer; a model
+    whose config asks for grouped-position attention gets attn_implementation="longctx_self_extend"."""
     from longctx.models.output import read_json
     from longctx.models.self_extend import attention_implementation
 
@@ -187,6 +247,5 @@ def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device
         implementation = attention_implementation(read_json(model_dir / "config.json"))
         if implementation is not None:
             model_kwargs["attn_implementation"] = implementation
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **model_kwargs).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model, tokenizer
+    model, tokenizer = load_pretrained(model_dir, allow_pickle=allow_pickle, dtype=dtype, **model_kwargs)
+    return model.to(device), tokenizer

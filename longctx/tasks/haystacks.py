@@ -51,6 +51,16 @@ def load_haystack_text(reference: str) -> str:
     )
 
 
+def haystack_path(reference: str) -> Path | None:
+    """The local file or directory a haystack reference reads, if any (an input no output may overlap)."""
+    kind, _, argument = reference.partition(":")
+    if kind in ("file", "dir") and argument:
+        return Path(argument).expanduser()
+    if kind == "dataset" and argument and Path(argument.split(":")[0]).expanduser().exists():
+        return Path(argument.split(":")[0]).expanduser()
+    return None
+
+
 def _read_text_file(path: Path) -> str:
     if not path.is_file():
         raise LongctxError(f"haystack file {path} does not exist; pass file:PATH of a text file")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from longctx.errors import LongctxError
 from longctx.train.config import TrainConfig, load_config
-from longctx.train.loop import RunPaths, run_training
+from longctx.train.loop import RunPaths, check_run, run_training
 
 
 def run_paths(config: TrainConfig, output: str | Path | None = None) -> RunPaths:
@@ -27,15 +27,18 @@ def train_from_config(
     overwrite: bool = False,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    allow_pickle: bool = False,
 ) -> Path | None:
     """Train per the YAML config (model and output overridable); returns the final model directory."""
     config = load_config(config_path, model=model, output=str(output) if output else None)
-    return run_training(config, run_paths(config), resume=resume, overwrite=overwrite, progress=progress,
-                        stop_after_steps=stop_after_steps)
+    paths = run_paths(config)
+    return run_training(config, paths, resume=resume, overwrite=overwrite, progress=progress,
+                        stop_after_steps=stop_after_steps, inputs={"the training config": Path(config_path)},
+                        allow_pickle=allow_pickle)
 
 
-def train_after_extend(extended_dir: Path, config_path: Path, overwrite: bool = False) -> Path:
-    """`longctx extend ... --train FILE`: train the just-extended model per the config.
+def prepare_after_extend(extended_dir: Path, config_path: Path, overwrite: bool = False) -> tuple[TrainConfig, RunPaths]:
+    """`longctx extend ... --train FILE`, before extend writes anything: the run, checked (check_run).
 
     The config's `model` is replaced by extended_dir; the output is the config's output, or
     `<extended_dir>-trained` when it names none.
@@ -43,4 +46,12 @@ def train_after_extend(extended_dir: Path, config_path: Path, overwrite: bool = 
     config = load_config(config_path, model=str(extended_dir))
     if not config.output:
         config.output = str(Path(extended_dir).with_name(Path(extended_dir).name + "-trained"))
-    return run_training(config, run_paths(config), overwrite=overwrite)
+    paths = run_paths(config)
+    check_run(config, paths, overwrite=overwrite,
+              inputs={"the training config": Path(config_path), "the extended model": Path(extended_dir)})
+    return config, paths
+
+
+def train_after_extend(extended_dir: Path, config_path: Path, overwrite: bool = False) -> Path:
+    """Train the extended model per the config (what `extend --train` runs once the model is written)."""
+    return run_training(*prepare_after_extend(extended_dir, config_path, overwrite), overwrite=overwrite)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
 from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json, write_safetensors
+from longctx.models.output import set_model_max_length
 
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
@@ -247,6 +248,8 @@ def write_model_dir(
         write_safetensors(tmp, {name: tensor for name, tensor in weights.items() if not (tied and name == "lm_head.weight")})
         config.save_pretrained(tmp)
         copy_auxiliary_files(source_dir, tmp)
+        if config.max_position_embeddings != read_json(Path(source_dir) / "config.json").get("max_position_embeddings"):
+            set_model_max_length(tmp, config.max_position_embeddings)
         write_metadata(tmp, **metadata)
         for name, path in (extra_files or {}).items():
             if Path(path).is_file():

@@ -131,13 +131,8 @@ def row_lengths(rng: random.Random, seq_len: int, shortest: int) -> list[int]:
     return lengths
 
 
-def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Document]:
-    """Tokenized documents from local files (jsonl, parquet, text) or a hub dataset, through `datasets`.
-
-    With data.streaming the files are read lazily (corpora larger than memory); otherwise
-    they are loaded (memory-mapped Arrow) and shuffled with the seed. Each document ends
-    with EOS when data.add_eos.
-    """
+def open_dataset(data: DataConfig):
+    """The training data as a `datasets` dataset, after checking it has the text field."""
     import datasets
 
     if data.source == "files":
@@ -155,6 +150,28 @@ def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Docume
     columns = dataset.column_names or []
     if columns and data.text_field not in columns:
         raise LongctxError(f"training data has no column {data.text_field!r}; set data.text_field to one of {', '.join(columns)}")
+    return dataset
+
+
+def check_data_source(data: DataConfig) -> None:
+    """Open the data source as training will (files found, dataset readable, text field there,
+    passkey haystack readable), so that a bad one fails before the model is loaded."""
+    from longctx.tasks.haystacks import load_haystack_text
+
+    if data.source == "synthetic-passkey":
+        load_haystack_text(data.passkey.haystack)
+    else:
+        open_dataset(data)
+
+
+def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Document]:
+    """Tokenized documents from local files (jsonl, parquet, text) or a hub dataset, through `datasets`.
+
+    With data.streaming the files are read lazily (corpora larger than memory); otherwise
+    they are loaded (memory-mapped Arrow) and shuffled with the seed. Each document ends
+    with EOS when data.add_eos.
+    """
+    dataset = open_dataset(data)
     if data.streaming:
         if data.shuffle_buffer:
             dataset = dataset.shuffle(seed=seed, buffer_size=data.shuffle_buffer)

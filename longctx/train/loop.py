@@ -63,20 +63,26 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(sequence_parallel: int) -> Runtime:
-    """Read torchrun's environment; one process returns a Runtime without touching torch.distributed."""
+def check_world(sequence_parallel: int) -> int:
+    """torchrun's world size, after checking it can form groups of sequence_parallel."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size == 1:
-        if sequence_parallel > 1:
-            raise LongctxError(
-                f"parallel.sequence_parallel is {sequence_parallel} but this is one process; launch with "
-                f"torchrun --nproc-per-node {sequence_parallel} -m longctx train ..."
-            )
-        return Runtime(device=device)
+    if world_size == 1 and sequence_parallel > 1:
+        raise LongctxError(
+            f"parallel.sequence_parallel is {sequence_parallel} but this is one process; launch with "
+            f"torchrun --nproc-per-node {sequence_parallel} -m longctx train ..."
+        )
     if world_size % sequence_parallel:
         raise LongctxError(f"{world_size} processes cannot form groups of sequence_parallel={sequence_parallel}; "
                            "launch a multiple of it")
+    return world_size
+
+
+def setup_runtime(sequence_parallel: int) -> Runtime:
+    """Read torchrun's environment; one process returns a Runtime without touching torch.distributed."""
+    world_size = check_world(sequence_parallel)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size == 1:
+        return Runtime(device=device)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -106,11 +112,10 @@ def setup_runtime(sequence_parallel: int) -> Runtime:
 # --- model -----------------------------------------------------------------------------------
 
 
-def load_model(model_dir: Path, config: TrainConfig, runtime: Runtime):
+def load_model(model_dir: Path, config: TrainConfig, runtime: Runtime, *, allow_pickle: bool = False):
     """The causal LM (LoRA-wrapped in lora mode) in training mode, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from longctx.models.output import read_json
+    from longctx.models.reference import load_pretrained
     from longctx.models.self_extend import attention_implementation
 
     attention = attention_implementation(read_json(model_dir / "config.json")) or "sdpa"
@@ -121,12 +126,9 @@ def load_model(model_dir: Path, config: TrainConfig, runtime: Runtime):
             raise LongctxError(f"{model_dir} asks for {attention} attention, which sequence parallelism cannot shard; "
                                "train it with sequence_parallel 1, or extend without --self-extend")
         attention = longctx.parallel.ATTENTION_NAME
-    try:
-        # float32 master weights and optimizer state; precision bfloat16 autocasts the compute (train_step)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise LongctxError(f"cannot load {model_dir} for training: {str(error).splitlines()[0]}") from error
+    # float32 master weights and optimizer state; precision bfloat16 autocasts the compute (train_step)
+    model, tokenizer = load_pretrained(model_dir, allow_pickle=allow_pickle, dtype=torch.float32,
+                                       attn_implementation=attention)
     if config.mode == "lora":
         model = apply_longlora(model, config)
     if config.activation_checkpointing:
@@ -266,7 +268,8 @@ class RunPaths:
 
 
 def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, stop_after_steps: int | None = None) -> Path | None:
+                 progress: bool = True, stop_after_steps: int | None = None, inputs: dict | None = None,
+                 allow_pickle: bool = False) -> Path | None:
     """Train every stage and write the final model to paths.output. Returns it (None when stopped early).
 
     stop_after_steps ends the run after that many optimizer steps in this invocation, as a
@@ -276,13 +279,14 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
 
     from longctx.models import read_json, resolve_model
 
+    start = check_run(config, paths, resume=resume, overwrite=overwrite, inputs=inputs)  # before the first write
     runtime = setup_runtime(config.parallel.sequence_parallel)
     model_dir = resolve_model(config.model)
     base_config = read_json(model_dir / "config.json")
     ropes = [stage_rope(base_config, stage) for stage in config.stages]  # plan every stage before any work
-    start = _prepare_checkpoint_dir(paths, resume=resume, overwrite=overwrite, runtime=runtime)
+    model, tokenizer = load_model(model_dir, config, runtime, allow_pickle=allow_pickle)
+    start = _prepare_checkpoint_dir(paths, start, overwrite=overwrite, runtime=runtime)
 
-    model, tokenizer = load_model(model_dir, config, runtime)
     module = CausalLMLoss(model, config.loss_chunk_size).to(runtime.device)
     if runtime.distributed:
         shard_module(module, runtime)
@@ -375,40 +379,84 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
     return paths.output
 
 
-def _prepare_checkpoint_dir(paths: RunPaths, *, resume: bool, overwrite: bool, runtime: Runtime) -> dict | None:
-    """The state to resume from (or None), after checking the output and checkpoint directories."""
+def run_inputs(config: TrainConfig) -> dict:
+    """What a run reads, which neither its output nor its checkpoints may overlap (check_output_free)."""
+    from longctx.models.reference import reference_path
+    from longctx.tasks.haystacks import haystack_path
+    from longctx.train.config import resolve_data_files
+
+    inputs = {"the model": reference_path(config.model)}
+    if config.data.source == "files":
+        inputs.update({f"training data {path}": Path(path) for path in resolve_data_files(config.data.paths)})
+    elif config.data.source == "synthetic-passkey":
+        inputs["the passkey haystack"] = haystack_path(config.data.passkey.haystack)
+    return inputs
+
+
+def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, overwrite: bool = False,
+              inputs: dict | None = None) -> dict | None:
+    """Every check a run can make before it writes or loads anything: flags, the world size, the
+    output and checkpoint locations against the inputs, the data source, and on --resume that the
+    saved run has the config's stages. Returns the state to resume from (or None); writes nothing."""
     from longctx.models import check_output_free
+    from longctx.train.data import check_data_source
 
-    check_output_free(paths.output, overwrite)
-    state_dir = ckpt.latest_state_dir(paths.checkpoints) if paths.checkpoints.is_dir() else None
-    if not resume:
-        if paths.checkpoints.exists() and any(paths.checkpoints.iterdir()):
-            if not overwrite:
-                raise LongctxError(
-                    f"checkpoint directory {paths.checkpoints} already holds a run; pass --resume to continue it "
-                    "or --overwrite to start over"
-                )
-            if runtime.is_main:
-                import shutil
+    if resume and overwrite:
+        raise LongctxError("--resume continues the run in the checkpoint directory and --overwrite discards it; "
+                           "pass one of them")
+    check_world(config.parallel.sequence_parallel)
+    inputs = {**run_inputs(config), **(inputs or {})}
+    check_output_free(paths.output, overwrite, inputs=inputs)
+    check_output_free(paths.checkpoints, True, inputs=inputs)  # may exist: --resume continues it
+    holds_run = paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir())
+    if holds_run and not (resume or overwrite):
+        raise LongctxError(
+            f"checkpoint directory {paths.checkpoints} already holds a run; pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    check_data_source(config.data)
+    state_dir = ckpt.latest_state_dir(paths.checkpoints) if resume and paths.checkpoints.is_dir() else None
+    if state_dir is None:
+        return None
+    state = ckpt.read_trainer_state(state_dir)
+    saved = state.get("stages")
+    wanted = stage_plan(config)
+    if saved is not None and saved != wanted:
+        changed = [f"stage {i + 1}" for i, (a, b) in enumerate(zip(saved, wanted)) if a != b]
+        if len(saved) != len(wanted):
+            changed.append(f"{len(saved)} stages saved, {len(wanted)} in the config")
+        raise LongctxError(
+            f"cannot resume {paths.checkpoints}: the config's stages differ from the saved run's ({', '.join(changed)}); "
+            "use the config the run started with, or --overwrite to start over"
+        )
+    return {**state, "dir": state_dir}
 
-                shutil.rmtree(paths.checkpoints)
-        state_dir = None
+
+def stage_plan(config: TrainConfig) -> list[dict]:
+    """What a resumed run must share with the saved one: each stage's length, steps or tokens, and batch."""
+    return [{"seq_len": stage.seq_len, "steps": stage.steps, "tokens": stage.tokens, "batch_size": stage.batch_size,
+             "gradient_accumulation": stage.gradient_accumulation} for stage in config.stages]
+
+
+def _prepare_checkpoint_dir(paths: RunPaths, start: dict | None, *, overwrite: bool, runtime: Runtime) -> dict | None:
+    """Make the checkpoint directory ready (emptied on --overwrite) once the model has loaded; returns start."""
+    if runtime.is_main and start is None and overwrite and paths.checkpoints.exists():
+        import shutil
+
+        shutil.rmtree(paths.checkpoints)
     if runtime.distributed:
         import torch.distributed as dist
 
         dist.barrier()
     if runtime.is_main:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    if state_dir is None:
-        if runtime.is_main and resume:
-            log.info("no checkpoint in %s; starting from the beginning", paths.checkpoints)
+    if start is None:
         if runtime.is_main:
             (paths.checkpoints / ckpt.METRICS).unlink(missing_ok=True)
         return None
-    state = ckpt.read_trainer_state(state_dir)
     if runtime.is_main:
-        ckpt.truncate_metrics(paths.checkpoints, state["global_step"])
-    return {**state, "dir": state_dir}
+        ckpt.truncate_metrics(paths.checkpoints, start["global_step"])
+    return start
 
 
 def _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step, global_step,
@@ -416,7 +464,7 @@ def _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, 
     trainer_state = {
         "stage": index, "step": step, "global_step": global_step, "data_position": data_position,
         "tokens": tokens, "stage_done": stage_done, "schedule": schedule, "seed": config.seed,
-        "world_size": runtime.world_size,
+        "world_size": runtime.world_size, "stages": stage_plan(config),
     }
     ckpt.save_training_state(
         paths.checkpoints, module=module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
