@@ -13,9 +13,11 @@ Queries and keys arrive already rotated at their exact positions (as transformer
 cache hold them). A rotation composes, R(p + d) = R(d) R(p), so the grouped ones are the
 exact ones rotated on by the difference of positions: no unrotated copy is needed.
 
-The keys of a chunk of queries at positions [a, b) (b = the number of keys) fall in two
-ranges: keys before a - W + 1 are beyond the window for every query (grouped, no mask), and
-the rest are near (both kinds, split by a [q, q + W - 1] band mask). Each part is one
+The keys of a chunk of queries at positions [a, b) (b = the number of keys) fall in three
+parts: keys before a - W + 1 are beyond the window for every query (grouped, no mask); keys
+from a - W + 1 on are attended at exact positions where they are inside a query's window (a
+band mask); keys from a - W + 1 to b - W also at grouped positions where they are beyond it
+(the band's complement). Each part is one
 `block_forward` with its log-sum-exp; the parts merge by log-sum-exp, out of place. Under autograd every
 part runs on the `math` kernel (scores in memory, O(q x k) per part): the fused kernels return no
 gradient through their log-sum-exp.
@@ -36,26 +38,65 @@ def grouped_key_positions(positions: torch.Tensor, group_size: int) -> torch.Ten
     return positions // group_size
 
 
-def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x [b, h, s, d] (rotary half-split layout, as transformers' rotate_half) rotated on by `shift`
-    [s] positions; the first 2 * len(inv_freq) dims rotate, the rest (partial rotary) pass."""
-    rotary = 2 * inv_freq.numel()
-    angles = shift.to(torch.float32)[:, None] * inv_freq.to(device=x.device, dtype=torch.float32)[None, :]
-    cos, sin = torch.cat((angles, angles), dim=-1).cos(), torch.cat((angles, angles), dim=-1).sin()
-    part = x[..., :rotary].float()
-    half = rotary // 2
-    rotated_half = torch.cat((-part[..., half:], part[..., :half]), dim=-1)
-    rotated = (part * cos + rotated_half * sin).to(x.dtype)
-    return rotated if rotary == x.shape[-1] else torch.cat((rotated, x[..., rotary:]), dim=-1)
+def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, h, s, d] (rotary half-split layout, as transformers' rotate_half) rotated by the angles whose
+    cos/sin [s, rotary / 2] are given; dims beyond `rotary` (partial rotary) pass unchanged. Written
+    into one new tensor without temporaries: over a long cache this is memory-bound."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    if torch.is_grad_enabled() and x.requires_grad:  # out= ops do not record gradients
+        rotated = (x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :])
+        return torch.cat(rotated, dim=-1)
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    if 2 * half < x.shape[-1]:
+        out[..., 2 * half :] = x[..., 2 * half :]
+    return out
+
+
+class GroupedRotation:
+    """cos/sin of the shifts from exact to grouped positions, for queries and keys at positions
+    [0, n), in x's dtype; computed once and grown by doubling (a decode step would otherwise pay
+    for a transcendental per cached key and dimension)."""
+
+    def __init__(self, inv_freq: torch.Tensor, group_size: int, window: int):
+        self.inv_freq, self.group_size, self.window = inv_freq.float(), group_size, window
+        self.length = 0
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _grow(self, length: int, like: torch.Tensor) -> None:
+        self.length = max(length, 2 * self.length)
+        positions = torch.arange(self.length, device=like.device)
+        shifts = {
+            "query": grouped_query_positions(positions, self.group_size, self.window) - positions,
+            "key": grouped_key_positions(positions, self.group_size) - positions,
+        }
+        inv_freq = self.inv_freq.to(like.device)
+        for name, shift in shifts.items():
+            angles = shift.float()[:, None] * inv_freq[None, :]
+            self.tables[name] = (angles.cos().to(like.dtype), angles.sin().to(like.dtype))
+
+    def rotate(self, x: torch.Tensor, kind: str, start: int) -> torch.Tensor:
+        """x [b, h, s, d] at positions start .. start + s - 1, moved to their grouped positions."""
+        end = start + x.shape[2]
+        cos, sin = self.tables.get(kind, (None, None))
+        if end > self.length or cos is None or cos.dtype != x.dtype or cos.device != x.device:
+            self._grow(end, x)
+            cos, sin = self.tables[kind]
+        return rotate_by(x, cos[start:end], sin[start:end])
 
 
 def self_extend_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     inv_freq: torch.Tensor, group_size: int, window: int, scale: float,
+    rotation: GroupedRotation | None = None,
 ) -> torch.Tensor:
     """Causal grouped-position attention of the last query.shape[2] positions of a sequence whose
     keys and values (positions 0 .. key.shape[2] - 1) are key, value; [batch, heads, seq, head_dim],
-    GQA allowed. Returns [batch, heads, q_seq, head_dim] in query's dtype."""
+    GQA allowed. Returns [batch, heads, q_seq, head_dim] in query's dtype. `rotation` (for these
+    inv_freq, G and W) keeps its tables between calls."""
     q_len, k_len = query.shape[2], key.shape[2]
     start = k_len - q_len  # position of the first query
     # the fused kernels give no gradient through their lse, which the merge needs: under autograd, math
@@ -63,27 +104,27 @@ def self_extend_attention(
     grouping = k_len > window and group_size > 1
     if not grouping and (q_len == 1 or start == 0):  # every distance inside the window: plain causal attention
         return block_forward(kernel, query, key, value, scale, start == 0, None)[0].to(query.dtype)
-    device = query.device
-    query_positions = torch.arange(start, k_len, device=device)
-    query_shift = grouped_query_positions(query_positions, group_size, window) - query_positions
-    grouped_query = rotate_by(query, query_shift, inv_freq)
+    rotation = rotation or GroupedRotation(inv_freq, group_size, window)
+    batch, device = query.shape[0], query.device
+    grouped_query = rotation.rotate(query, "query", start)
 
     parts = []
-    far = max(0, start - window + 1)  # keys [0, far) are beyond the window for every query
-    if far:
-        key_positions = torch.arange(far, device=device)
-        grouped_key = rotate_by(key[:, :, :far], grouped_key_positions(key_positions, group_size) - key_positions, inv_freq)
-        parts.append(block_forward(kernel, grouped_query, grouped_key, value[:, :, :far], scale, False, None))
-    near_positions = torch.arange(far, k_len, device=device)
-    distance = query_positions[:, None] - near_positions[None, :]
-    inside = ((distance >= 0) & (distance < window))[None, None]
-    beyond = (distance >= window)[None, None]
-    near_key, near_value = key[:, :, far:], value[:, :, far:]
-    parts.append(block_forward(kernel, query, near_key, near_value, scale, False, inside.expand(query.shape[0], 1, -1, -1)))
-    if bool(beyond.any()):
-        grouped_near_key = rotate_by(near_key, grouped_key_positions(near_positions, group_size) - near_positions, inv_freq)
-        parts.append(block_forward(kernel, grouped_query, grouped_near_key, near_value, scale, False,
-                                   beyond.expand(query.shape[0], 1, -1, -1)))
+    near = max(0, start - window + 1)  # keys before `near` are beyond the window for every query: grouped, no mask
+    if near:
+        grouped_far = rotation.rotate(key[:, :, :near], "key", 0)
+        parts.append(block_forward(kernel, grouped_query, grouped_far, value[:, :, :near], scale, False, None))
+    query_positions = torch.arange(start, k_len, device=device)[:, None]
+    # exact positions for keys [near, k_len) within the window (and causal)
+    distance = query_positions - torch.arange(near, k_len, device=device)[None, :]
+    inside = (distance >= 0) & (distance < window)
+    mask = None if bool(inside.all()) else inside[None, None].expand(batch, 1, -1, -1)
+    parts.append(block_forward(kernel, query, key[:, :, near:], value[:, :, near:], scale, False, mask))
+    # grouped positions for keys [near, k_len - window): some query is a window or more past them
+    grouped_end = k_len - window
+    if grouped_end > near:
+        beyond = (distance[:, : grouped_end - near] >= window)[None, None].expand(batch, 1, -1, -1)
+        grouped_near = rotation.rotate(key[:, :, near:grouped_end], "key", near)
+        parts.append(block_forward(kernel, grouped_query, grouped_near, value[:, :, near:grouped_end], scale, False, beyond))
     return merge_parts(parts).to(query.dtype)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from longctx.attention.self_extend import self_extend_attention
+from longctx.attention.self_extend import GroupedRotation, self_extend_attention
 from longctx.errors import LongctxError
 from longctx.rope.config import rope_frequencies, rope_types
 from longctx.rope.methods import LENGTH_DEPENDENT_TYPES
@@ -49,10 +49,10 @@ def attention_implementation(config: dict) -> str | None:
     return ATTENTION_NAME if self_extend_settings(config) is not None else None
 
 
-def _inv_freq(module, device) -> torch.Tensor:
-    """The model's static inv_freq, computed once per attention module."""
-    cached = getattr(module, "_longctx_inv_freq", None)
-    if cached is None or cached.device != device:
+def _rotation(module, settings: dict) -> GroupedRotation:
+    """The grouped-position tables of an attention module, built once from the model's static inv_freq."""
+    rotation = getattr(module, "_longctx_grouped_rotation", None)
+    if rotation is None or (rotation.group_size, rotation.window) != (settings["group_size"], settings["window"]):
         config = module.config.to_dict()
         dependent = rope_types(config) & set(LENGTH_DEPENDENT_TYPES)
         if dependent:
@@ -60,9 +60,9 @@ def _inv_freq(module, device) -> torch.Tensor:
                 f"{ATTENTION_NAME} needs a static rope type, but the model uses {', '.join(sorted(dependent))}; "
                 "extend with ntk or yarn for Self-Extend"
             )
-        cached = rope_frequencies(config)[0].to(device=device, dtype=torch.float32)
-        module._longctx_inv_freq = cached
-    return cached
+        rotation = GroupedRotation(rope_frequencies(config)[0], settings["group_size"], settings["window"])
+        module._longctx_grouped_rotation = rotation
+    return rotation
 
 
 def self_extend_attention_forward(
@@ -96,9 +96,10 @@ def self_extend_attention_forward(
             f"{key.shape[2] - 1}); packed documents and left padding are not supported"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rotation = _rotation(module, settings)
     out = self_extend_attention(
-        query, key, value, inv_freq=_inv_freq(module, query.device),
-        group_size=settings["group_size"], window=settings["window"], scale=scale,
+        query, key, value, inv_freq=rotation.inv_freq,
+        group_size=settings["group_size"], window=settings["window"], scale=scale, rotation=rotation,
     )
     return out.transpose(1, 2).contiguous(), None
 
