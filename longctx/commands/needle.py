@@ -51,8 +51,9 @@ def register(subparsers) -> None:
     grid.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear", help="spacing of --num-depths (default: %(default)s)")
     grid.add_argument("--samples", type=int, default=1, metavar="N", help="samples per cell, each with new needle values (default: %(default)s)")
     task = parser.add_argument_group("task")
-    task.add_argument("--task", choices=("passkey", "needle", "single", "multikey", "multivalue", "multiquery"), default="passkey",
-                      help="what to hide: passkey, gkamradt's needle, or RULER's NIAH variants (default: %(default)s)")
+    task.add_argument("--task", choices=("passkey", "reverse", "needle", "single", "multikey", "multivalue", "multiquery"), default="passkey",
+                      help="what to hide: passkey, a list of digits to say backwards (reverse), gkamradt's needle, "
+                      "or RULER's NIAH variants (default: %(default)s)")
     task.add_argument("--value-type", choices=("numbers", "words", "uuids"), default="numbers",
                       help="values of the RULER tasks (default: %(default)s)")
     task.add_argument("--haystack", default="noise", metavar="SOURCE",

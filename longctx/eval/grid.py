@@ -210,7 +210,7 @@ def format_table(summary: dict) -> str:
 
 def heatmap_title(summary: dict) -> str:
     settings = summary["settings"]
-    task = settings["task"] + (f" ({settings['value_type']})" if settings["task"] not in ("passkey", "needle") else "")
+    task = settings["task"] + (f" ({settings['value_type']})" if settings["task"] not in ("passkey", "reverse", "needle") else "")
     return (
         f"{summary['model']}\n{task}, haystack {settings['haystack']}, {summary.get('prompt_style', settings['prompt'])} "
         f"prompt, {settings['scoring']} scoring, "
