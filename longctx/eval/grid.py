@@ -65,6 +65,7 @@ class GridPlan:
     prefix_reuse: bool = True
     chunk_size: int = DEFAULT_CHUNK
     threshold: float = DEFAULT_THRESHOLD
+    device: str = "cpu"  # where the model runs (the scores do not depend on it, so resuming elsewhere is fine)
     cells: list[tuple[int, float, int]] = field(init=False)
 
     def __post_init__(self):
@@ -228,14 +229,15 @@ def run_grid(
     from tqdm import tqdm
 
     from longctx.eval.runner import Evaluator
-    from longctx.models import load_model_and_tokenizer, resolve_model
+    from longctx.models import load_model_and_tokenizer, resolve_device, resolve_model
 
     output = Path(output)
     task = settings.make_task()  # validate before touching the output or loading the model
     model_dir = resolve_model(settings.model)
+    device = resolve_device(plan.device)
     if output.exists() and not (resume or overwrite):
         prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
     model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
     check_memory(model, max(plan.lengths), chunk_size=plan.chunk_size, reuse=plan.prefix_reuse)
     evaluator = Evaluator(

@@ -173,6 +173,21 @@ def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
     return repo_id
 
 
+def resolve_device(device: str) -> str:
+    """A --device value checked: auto is cuda when one is available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LongctxError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise LongctxError(f"--device {device!r} is not a device ({error}); use cpu, cuda or auto") from error
+    return device
+
+
 def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu", **model_kwargs):
     """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer; a model
     whose config asks for grouped-position attention gets attn_implementation="longctx_self_extend"."""
