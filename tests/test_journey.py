@@ -3,7 +3,9 @@ command runs, configs travel, the table and the JSON line come out, and a rerun 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -34,10 +36,18 @@ SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--samples"
          "--long-steps", "2,2", "--sibling-steps", "3", "--in-process"]
 
 
-def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, tmp_path, capsys):
-    work = tmp_path / "journey"
-    assert journey.main(["--work", str(work), *SMOKE]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def smoke_run(journey, tmp_path_factory):
+    """The whole chain once, pretraining included: (work directory, its stdout)."""
+    work = tmp_path_factory.mktemp("journey") / "work"
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert journey.main(["--work", str(work), *SMOKE]) == 0
+    return work, output.getvalue()
+
+
+def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, smoke_run, capsys):
+    work, out = smoke_run
     line = json.loads(out.strip().splitlines()[-1])
     assert list(line) == JSON_KEYS
     results = json.loads((work / "results.json").read_text())
@@ -86,6 +96,27 @@ def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, tmp
     assert json.loads((work / "results.json").read_text())["seconds"] == seconds
 
 
+def test_the_gpu_variant_starts_from_a_given_base_and_trains_long_from_its_ntk_extension(journey, smoke_run, tmp_path):
+    """benchmarks/gpu/journey.sh's path at tiny sizes: --base, a one-stage LONG config without a
+    rope plan, trained from `longctx extend --method ntk`; the rope-only control is the same extension."""
+    base = smoke_run[0] / "base"
+    config = tmp_path / "long.yaml"
+    config.write_text("model: x\nprecision: float32\nactivation_checkpointing: false\n"
+                      "data: {source: synthetic-passkey, passkey: {loss: answer}}\n"
+                      "stages: [{seq_len: 1024, steps: 2, learning_rate: 1.0e-3, batch_size: 2}]\n")
+    work = tmp_path / "gpu-path"
+    assert journey.main(["--work", str(work), "--base", str(base), "--long-config", str(config), "--long-from-extend", "ntk",
+                         "--ranks", "8", "--energies", "", "--seeds", "0", "--samples", "1", "--sibling-steps", "2",
+                         "--sibling-batch", "2", "--in-process"]) == 0
+    extended = json.loads((work / "base-extended" / "config.json").read_text())
+    assert extended["rope_parameters"]["rope_theta"] > 1e4 and extended["max_position_embeddings"] == 1024
+    for model in ("long", "merged/sibling-rope-only", "merged/sibling-r8"):
+        config = json.loads((work / model / "config.json").read_text())
+        assert config["rope_parameters"] == extended["rope_parameters"]
+    assert json.loads((work / "results.json").read_text())["settings"]["base"] == str(base)
+    assert not (work / "init").exists()
+
+
 def scores_of(passkey_by_rank, skill_by_rank, sibling_skill=0.8):
     scores = {"SIBLING": {"reverse@256": sibling_skill}}
     for rank in passkey_by_rank:
@@ -95,8 +126,8 @@ def scores_of(passkey_by_rank, skill_by_rank, sibling_skill=0.8):
 
 def test_the_key_rank_is_the_smallest_meeting_both_goals_else_the_best(journey):
     scores = scores_of({4: 0.9, 8: 0.85, 16: 0.9}, {4: 0.6, 8: 0.76, 16: 0.8})
-    key = journey.key_choice(scores, ["r4", "r8", "r16"], 0.8, 0.9)
+    key = journey.key_choice(scores, ["r4", "r8", "r16"], 0.8, 0.9, 256, 1024)
     assert (key["rank"], key["choice"], key["passkey_long"], key["skill_kept"]) == ("8", "r8", 0.85, pytest.approx(0.95))
-    missed = journey.key_choice(scores_of({4: 0.5, 8: 0.7}, {4: 0.8, 8: 0.4}), ["r4", "r8"], 0.8, 0.9)
+    missed = journey.key_choice(scores_of({4: 0.5, 8: 0.7}, {4: 0.8, 8: 0.4}), ["r4", "r8"], 0.8, 0.9, 256, 1024)
     assert (missed["rank"], missed["choice"]) == (None, "r8")
-    assert journey.key_choice(scores_of({4: 0.9}, {4: 0.0}, sibling_skill=0.0), ["r4"], 0.8, 0.9)["rank"] is None
+    assert journey.key_choice(scores_of({4: 0.9}, {4: 0.0}, sibling_skill=0.0), ["r4"], 0.8, 0.9, 256, 1024)["rank"] is None
