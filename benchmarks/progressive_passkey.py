@@ -51,9 +51,10 @@ PRETRAIN_STAGE = dict(seq_len=NATIVE, steps=1000, learning_rate=2.0e-3, warmup_s
                       batch_size=16)
 
 
-def build_word_tokenizer():
-    """A word-level tokenizer over the words of the passkey prompts; digits are single tokens and
-    spaces are kept as '▁' prefixes, so decoding gives back the exact text (' 71432')."""
+def build_word_tokenizer(tasks: tuple[str, ...] = ("passkey",)):
+    """A word-level tokenizer over the words of the prompts of `tasks` (`longctx needle --task`
+    names); digits are single tokens and spaces are kept as '▁' prefixes, so decoding gives back
+    the exact text (' 71432')."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,10 +68,10 @@ def build_word_tokenizer():
     ])
     import random
 
-    task = Task("passkey")
-    sample = task.sample(random.Random(0))
-    texts = [f"{task.instruction}\n", NOISE_SENTENCES + "\n\n", " " + sample.needles[0],
-             f"\n{sample.question} {sample.answer_prefix}{sample.answer}", " 0123456789"]
+    texts = [NOISE_SENTENCES + "\n\n", " 0123456789"]
+    for task in map(Task, tasks):
+        sample = task.sample(random.Random(0))
+        texts += [f"{task.instruction}\n", " " + sample.needles[0], f"\n{sample.question} {sample.answer_prefix}{sample.answer}"]
     pieces = sorted({piece for text in texts for piece, _ in pre.pre_tokenize_str(text)} | set("0123456789"))
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + pieces)}, unk_token="<unk>"))
@@ -80,14 +81,15 @@ def build_word_tokenizer():
                                   pad_token="<pad>", model_max_length=NATIVE)
 
 
-def init_model(dest: Path, seed: int) -> None:
+def init_model(dest: Path, seed: int, tasks: tuple[str, ...] = ("passkey",)) -> None:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from longctx.train.data import passkey_documents
 
-    tokenizer = build_word_tokenizer()
-    document = next(passkey_documents(tokenizer, NATIVE, seed=0))
-    assert tokenizer.unk_token_id not in document.ids, "the tokenizer misses a word of the prompts"
+    tokenizer = build_word_tokenizer(tasks)
+    documents = passkey_documents(tokenizer, NATIVE, seed=0, tasks=tasks)
+    for document in (next(documents) for _ in range(20)):
+        assert tokenizer.unk_token_id not in document.ids, "the tokenizer misses a word of the prompts"
     config = LlamaConfig(
         vocab_size=len(tokenizer), max_position_embeddings=NATIVE, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -261,11 +261,22 @@ def test_scoring_rules():
     assert keyword_recall("eat a sandwich and sit in Dolores Park on a sunny day", needle, question) == 1.0
     assert keyword_recall("go to Dolores Park", needle, question) == pytest.approx(2 / 7)
     for name in TASKS:
-        for value_type in ("numbers", "words", "uuids") if name not in ("passkey", "needle") else ("numbers",):
+        for value_type in ("numbers", "words", "uuids") if name not in ("passkey", "reverse", "needle") else ("numbers",):
             sample = Task(name, value_type=value_type).sample(random.Random(1))
             assert score_answer(sample, sample.answer) == 1.0
             assert score_answer(sample, "I do not know") == 0.0
             assert len(sample.needles) == (4 if name.startswith("multi") else 1)
+
+
+def test_reverse_asks_for_the_hidden_digits_backwards_and_scores_only_the_whole_reversed_list():
+    sample = Task("reverse").sample(random.Random(4))
+    digits = sample.needles[0].removeprefix("The list is ").removesuffix(".").split(" ")
+    assert len(digits) == len(set(digits)) == 5 and all(d.isdigit() and len(d) == 1 for d in digits)
+    assert sample.expected == [" ".join(digits[::-1])] and sample.answer == " " + sample.expected[0]
+    assert score_answer(sample, sample.answer + " and more") == 1.0
+    assert score_answer(sample, " " + " ".join(digits)) == 0.0  # forwards
+    assert score_answer(sample, " " + " ".join(digits[::-1][:-1])) == 0.0  # one digit short
+    assert Task("reverse").sample(random.Random(4)).needles == sample.needles
 
 
 def test_score_is_settled_only_when_no_continuation_can_change_the_score():

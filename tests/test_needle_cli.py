@@ -70,6 +70,9 @@ def test_refusals(tiny_llama, tmp_path, capsys):
     assert "GiB" in err and "available" in err and not (tmp_path / "y" / "results.jsonl").exists()
     assert main(["needle", "--model", str(tiny_llama), "--output", str(tmp_path / "z")]) == 2
     assert "no lengths" in capsys.readouterr().err
+    assert main(["needle", "--model", str(tiny_llama), "--lengths", "700", "--device", "gpu0",
+                 "--output", str(tmp_path / "d")]) == 2
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_grid_spacing():

@@ -37,6 +37,8 @@ def test_minimal_config_takes_defaults():
     config = parse_config(MINIMAL)
     assert config.stages[0].seq_len == 1024 and config.stages[0].learning_rate == 2e-5
     assert config.data.source == "synthetic-passkey" and config.mode == "full" and config.loss_chunk_size == 4096
+    assert config.data.passkey.tasks == ["passkey"]
+    assert parse_config({**MINIMAL, "data": {"passkey": {"tasks": "reverse"}}}).data.passkey.tasks == ["reverse"]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,8 @@ def test_minimal_config_takes_defaults():
         ({**MINIMAL, "precision": "fp8"}, "precision 'fp8' is unknown"),
         ({**MINIMAL, "data": {"source": "files"}}, "data.paths is empty"),
         ({**MINIMAL, "data": {"source": "web"}}, "data.source 'web' is unknown"),
+        ({**MINIMAL, "data": {"passkey": {"tasks": ["passkey", "revers"]}}}, "data.passkey.tasks: unknown task 'revers'"),
+        ({**MINIMAL, "data": {"passkey": {"tasks": []}}}, "data.passkey.tasks is empty"),
         ({**MINIMAL, "parallel": {"sequence_parallel": 3}}, "not divisible by 2 x sequence_parallel = 6"),
         ({**MINIMAL, "activation_checkpointing": "yes"}, "activation_checkpointing must be bool"),
         ({**MINIMAL, "lora": {"rank": 8}}, "unknown key 'rank' in lora"),

@@ -72,6 +72,30 @@ def test_passkey_documents_are_needle_prompts_with_the_answer_filling_rows():
     assert next(again).ids == next(passkey_documents(tokenizer, seq_len, seed=3)).ids
 
 
+def test_other_needle_tasks_make_documents_of_their_own_prompts_with_answer_only_targets():
+    """tasks=[reverse, passkey]: each document is one task's needle prompt, both kinds occur, and
+    a reverse document's targets are exactly the digits it hid, backwards, and EOS."""
+    tokenizer = make_tokenizer()
+    seq_len = 900
+    documents = passkey_documents(tokenizer, seq_len, seed=2, loss="answer", tasks=["reverse", "passkey"])
+    kinds = []
+    for _ in range(16):
+        document = next(documents)
+        text = tokenizer.decode(document.ids, skip_special_tokens=True)
+        answer = tokenizer.decode([t for t, target in zip(document.ids, document.targets) if target])
+        if text.startswith("There is a list of digits hidden"):
+            digits = text.split("The list is ")[1].split(".")[0].split(" ")
+            assert answer == " " + " ".join(reversed(digits)) + tokenizer.eos_token
+            assert text.endswith("\nWhat is the list backwards? The list backwards is" + answer[: -len(tokenizer.eos_token)])
+            kinds.append("reverse")
+        else:
+            assert text.startswith("There is an important info hidden") and answer[1:6].isdigit()
+            kinds.append("passkey")
+    assert 4 <= kinds.count("reverse") <= 12
+    only_passkey = passkey_documents(tokenizer, seq_len, seed=2, tasks=["passkey"])
+    assert next(only_passkey).ids == next(passkey_documents(tokenizer, seq_len, seed=2)).ids
+
+
 def test_row_lengths_fill_the_row_with_documents_no_shorter_than_asked():
     rng = random.Random(0)
     rows = [row_lengths(rng, 1024, 100) for _ in range(300)]

@@ -51,8 +51,9 @@ def register(subparsers) -> None:
     grid.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear", help="spacing of --num-depths (default: %(default)s)")
     grid.add_argument("--samples", type=int, default=1, metavar="N", help="samples per cell, each with new needle values (default: %(default)s)")
     task = parser.add_argument_group("task")
-    task.add_argument("--task", choices=("passkey", "needle", "single", "multikey", "multivalue", "multiquery"), default="passkey",
-                      help="what to hide: passkey, gkamradt's needle, or RULER's NIAH variants (default: %(default)s)")
+    task.add_argument("--task", choices=("passkey", "reverse", "needle", "single", "multikey", "multivalue", "multiquery"), default="passkey",
+                      help="what to hide: passkey, a list of digits to say backwards (reverse), gkamradt's needle, "
+                      "or RULER's NIAH variants (default: %(default)s)")
     task.add_argument("--value-type", choices=("numbers", "words", "uuids"), default="numbers",
                       help="values of the RULER tasks (default: %(default)s)")
     task.add_argument("--haystack", default="noise", metavar="SOURCE",
@@ -69,6 +70,8 @@ def register(subparsers) -> None:
     run.add_argument("--seed", type=int, default=0, help="seed of the needle values (default: %(default)s)")
     run.add_argument("--no-prefix-reuse", action="store_true", help="prefill every prompt from scratch (for comparison)")
     run.add_argument("--chunk-size", type=token_count, default=2048, metavar="T", help="prefill chunk, bounds activation memory (default: %(default)s)")
+    run.add_argument("--device", default="auto", metavar="cpu|cuda|auto",
+                     help="where the model runs; auto = cuda when available (default: %(default)s)")
     run.add_argument("--threshold", type=float, default=0.85, help="score defining the effective length (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished samples")
     add_output_arguments(parser)
@@ -89,7 +92,7 @@ def grid_from_args(args: argparse.Namespace):
     else:
         raise LongctxError("no lengths: pass --lengths 1k,2k,4k or --min-len 1k --max-len 8k [--num-lengths N]")
     depths = args.depths if args.depths is not None else grid_depths(args.num_depths, args.depth_spacing)
-    return GridPlan(lengths, depths, args.samples, not args.no_prefix_reuse, args.chunk_size, args.threshold)
+    return GridPlan(lengths, depths, args.samples, not args.no_prefix_reuse, args.chunk_size, args.threshold, args.device)
 
 
 def run_command(args: argparse.Namespace) -> int:

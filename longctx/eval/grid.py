@@ -65,6 +65,7 @@ class GridPlan:
     prefix_reuse: bool = True
     chunk_size: int = DEFAULT_CHUNK
     threshold: float = DEFAULT_THRESHOLD
+    device: str = "cpu"  # where the model runs (the scores do not depend on it, so resuming elsewhere is fine)
     cells: list[tuple[int, float, int]] = field(init=False)
 
     def __post_init__(self):
@@ -215,7 +216,7 @@ def format_table(summary: dict) -> str:
 
 def heatmap_title(summary: dict) -> str:
     settings = summary["settings"]
-    task = settings["task"] + (f" ({settings['value_type']})" if settings["task"] not in ("passkey", "needle") else "")
+    task = settings["task"] + (f" ({settings['value_type']})" if settings["task"] not in ("passkey", "reverse", "needle") else "")
     return (
         f"{summary['model']}\n{task}, haystack {settings['haystack']}, {summary.get('prompt_style', settings['prompt'])} "
         f"prompt, {settings['scoring']} scoring, "
@@ -233,7 +234,7 @@ def run_grid(
     from tqdm import tqdm
 
     from longctx.eval.runner import Evaluator
-    from longctx.models import load_model_and_tokenizer, resolve_model
+    from longctx.models import load_model_and_tokenizer, resolve_device, resolve_model
 
     from longctx.models import check_output_free
     from longctx.models.reference import reference_path
@@ -246,9 +247,10 @@ def run_grid(
     check_output_free(output, overwrite or resume, inputs={
         "the model": reference_path(settings.model), "the haystack": haystack_path(settings.haystack)})
     model_dir = resolve_model(settings.model)
+    device = resolve_device(plan.device)
     if output.exists() and not (resume or overwrite):
         prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
-    model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle)
+    model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle, device=device)
     model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
     check_memory(model, max(plan.lengths), chunk_size=plan.chunk_size, reuse=plan.prefix_reuse)
     evaluator = Evaluator(

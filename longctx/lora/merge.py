@@ -248,18 +248,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return torch_dtype(name)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LongctxError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-    try:
-        torch.device(device)
-    except RuntimeError as error:
-        raise LongctxError(f"--device {device!r} is not a device ({error}); use cpu, cuda or auto") from error
-    return device
-
-
 def merged_config(base_config: dict, plan: MergePlan, *, out_dtype: torch.dtype | None, rope: RopeSettings | None) -> dict:
     config = dict(base_config)
     if out_dtype is not None:
@@ -293,7 +281,7 @@ def merge_adapters(
     from tqdm import tqdm
     from transformers import AutoConfig
 
-    from longctx.models.reference import resolve_model
+    from longctx.models.reference import resolve_device, resolve_model
 
     started = time.perf_counter()
     from longctx.models.reference import reference_path

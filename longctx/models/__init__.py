@@ -28,6 +28,7 @@ _EXPORTS = {
     "write_json": "longctx.models.output",
     "DEFAULT_MODEL": "longctx.models.reference",
     "load_model_and_tokenizer": "longctx.models.reference",
+    "resolve_device": "longctx.models.reference",
     "resolve_model": "longctx.models.reference",
     "TensorReader": "longctx.models.tensors",
     "SafetensorsWriter": "longctx.models.writer",

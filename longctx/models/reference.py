@@ -198,6 +198,21 @@ def push_to_hub(model_dir: str | Path, repo_id: str) -> str:
     return repo_id
 
 
+def resolve_device(device: str) -> str:
+    """A --device value checked: auto is cuda when one is available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LongctxError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise LongctxError(f"--device {device!r} is not a device ({error}); use cpu, cuda or auto") from error
+    return device
+
+
 def check_loadable(model_dir: Path, *, allow_pickle: bool = False) -> None:
     """Fail in one line, before transformers reads a byte of weights, on what would otherwise end
     in its traceback: missing or truncated shards, pickle weights without allow_pickle (the

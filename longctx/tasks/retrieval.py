@@ -2,6 +2,9 @@
 
 - `passkey`: "The pass key is 12345. Remember it. 12345 is the pass key." (Landmark Attention,
   YaRN); scored by exact match of the first integer in the answer.
+- `reverse`: "The list is 4 7 1 9 2." asked back in reverse order ("2 9 1 7 4"): retrieval plus
+  a transformation a passkey model lacks; scored by exact match of the whole reversed list
+  (`all_values` with the one list as its value).
 - `needle`: gkamradt's San Francisco sentence and question, or the user's own; scored by the
   fraction of the needle's content words (those not in the question) found in the answer.
 - RULER's NIAH family, needles "One of the special magic {numbers} for {key} is: {value}.":
@@ -23,8 +26,9 @@ from dataclasses import dataclass
 
 from longctx.errors import LongctxError
 
-TASKS = ("passkey", "needle", "single", "multikey", "multivalue", "multiquery")
+TASKS = ("passkey", "reverse", "needle", "single", "multikey", "multivalue", "multiquery")
 VALUE_TYPES = ("numbers", "words", "uuids")
+REVERSE_LENGTH = 5  # distinct digits in a reverse task's list
 RULER_NEEDLES = 4  # needles of multikey / multivalue / multiquery (RULER's num_needle_k/v/q = 4)
 
 GKAMRADT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -35,6 +39,10 @@ GKAMRADT_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day."
 PASSKEY_INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there."
+)
+REVERSE_INSTRUCTION = (
+    "There is a list of digits hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will ask you to say it backwards."
 )
 NEEDLE_INSTRUCTION = "Read the following text carefully. I will ask you a question about it afterwards."
 
@@ -99,6 +107,8 @@ class Task:
     def instruction(self) -> str:
         if self.name == "passkey":
             return PASSKEY_INSTRUCTION
+        if self.name == "reverse":
+            return REVERSE_INSTRUCTION
         if self.name == "needle":
             return NEEDLE_INSTRUCTION
         noun = self.value_noun
@@ -122,6 +132,17 @@ class Task:
                 expected=[key],
                 answer_pieces=[(f" {key}", True)],
                 scoring="first_integer",
+            )
+        if self.name == "reverse":
+            digits = rng.sample("0123456789", REVERSE_LENGTH)
+            backwards = " ".join(reversed(digits))
+            return Sample(
+                needles=[f"The list is {' '.join(digits)}."],
+                question="What is the list backwards?",
+                answer_prefix="The list backwards is",
+                expected=[backwards],
+                answer_pieces=[(f" {backwards}", True)],
+                scoring="all_values",
             )
         if self.name == "needle":
             if self.needle is None:

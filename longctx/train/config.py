@@ -30,6 +30,7 @@ from typing import Any
 from longctx.errors import LongctxError
 from longctx.rope.planner import METHODS, OPTIONS
 from longctx.tasks.haystacks import DATASET_BUILDERS
+from longctx.tasks.retrieval import TASKS
 from longctx.units import parse_token_count
 
 MODES = ("full", "lora")
@@ -75,6 +76,7 @@ class StageConfig:
 @dataclass
 class PasskeyConfig:
     loss: str = "all"  # all tokens, or only the answer after the question
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])  # `longctx needle --task` names, one drawn per document
     haystack: str = "noise"  # a `longctx needle` haystack: noise, essays, file:PATH, dir:PATH, dataset:NAME
 
 
@@ -252,7 +254,10 @@ def _parse_data(raw: dict) -> DataConfig:
         raise LongctxError("'data' must be a mapping, e.g. {source: files, paths: [corpus.jsonl]}")
     raw = dict(raw)
     _check_keys(raw, DataConfig, "data")
-    passkey = _parse_simple(raw.pop("passkey", {}) or {}, PasskeyConfig, "data.passkey")
+    passkey_raw = raw.pop("passkey", {}) or {}
+    if isinstance(passkey_raw, dict) and isinstance(passkey_raw.get("tasks"), str):
+        passkey_raw = {**passkey_raw, "tasks": [passkey_raw["tasks"]]}
+    passkey = _parse_simple(passkey_raw, PasskeyConfig, "data.passkey")
     if isinstance(raw.get("paths"), str):
         raw["paths"] = [raw["paths"]]
     data = DataConfig(passkey=passkey, **{key: _coerce(value, DataConfig, key, "data") for key, value in raw.items()})
@@ -264,6 +269,11 @@ def _parse_data(raw: dict) -> DataConfig:
         raise LongctxError("data.name is missing; give the dataset name for source: hub")
     if passkey.loss not in PASSKEY_LOSS:
         raise LongctxError(f"data.passkey.loss {passkey.loss!r} is unknown; use one of {', '.join(PASSKEY_LOSS)}")
+    if not passkey.tasks:
+        raise LongctxError(f"data.passkey.tasks is empty; list one or more of {', '.join(TASKS)}")
+    for task in passkey.tasks:
+        if task not in TASKS:
+            raise LongctxError(f"data.passkey.tasks: unknown task {task!r}; use {', '.join(TASKS)}")
     return data
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +81,8 @@ def collate(rows: list[PackedRow]) -> dict[str, torch.Tensor]:
 
 
 def passkey_documents(
-    tokenizer, seq_len: int, *, seed: int, loss: str = "all", haystack: str = "noise", eos: bool = True
+    tokenizer, seq_len: int, *, seed: int, loss: str = "all", haystack: str = "noise", eos: bool = True,
+    tasks: Sequence[str] = ("passkey",),
 ) -> Iterator[Document]:
     """Endless passkey documents, built with the needle test's own prompts, that fill rows of
     exactly seq_len tokens: one document of seq_len, or a few shorter ones (see row_lengths).
@@ -94,21 +95,30 @@ def passkey_documents(
     answer and its EOS targets. Varying the length keeps a model from learning where the
     answer sits instead of where the key is: trained on one length only, a tiny model
     answered at that prompt length and at no other, not even a few tokens shorter.
+
+    `tasks` names other `longctx needle --task`s (reverse, RULER's): each document is a prompt
+    of one of them, drawn uniformly, in the prompt style the needle test gives that task.
     """
     from longctx.tasks.haystacks import build_haystack, encode
     from longctx.tasks.prompts import PromptBuilder, detect_style
     from longctx.tasks.retrieval import Task
 
-    task = Task("passkey")
-    style = detect_style(tokenizer, "auto", task.name)  # the raw passkey text for every model, as the needle test
-    builder = PromptBuilder(tokenizer, build_haystack(tokenizer, haystack, seq_len), task.instruction, style)
+    built = build_haystack(tokenizer, haystack, seq_len)
     end = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
-    probe_sample = task.sample(random.Random(0))
-    probe = builder.build(probe_sample, seq_len, 0.0)
-    shortest = len(probe.ids) - probe.haystack_tokens + len(encode(tokenizer, probe_sample.answer) + end) + MIN_HAYSTACK_TOKENS
+    builders, shortest = [], 0
+    for task in (Task(name) for name in tasks):
+        style = detect_style(tokenizer, "auto", task.name)  # as the needle test: raw text for passkey
+        builder = PromptBuilder(tokenizer, built, task.instruction, style)
+        probe_sample = task.sample(random.Random(0))
+        probe = builder.build(probe_sample, seq_len, 0.0)
+        fixed = len(probe.ids) - probe.haystack_tokens + len(encode(tokenizer, probe_sample.answer) + end)
+        shortest = max(shortest, fixed + MIN_HAYSTACK_TOKENS)
+        builders.append((task, builder))
     rng = random.Random(seed)
     while True:
         for length in row_lengths(rng, seq_len, shortest):
+            # one task draws nothing: the stream stays the one passkey-only runs (and their resumes) had
+            task, builder = builders[rng.randrange(len(builders))] if len(builders) > 1 else builders[0]
             sample = task.sample(rng)
             answer = encode(tokenizer, sample.answer) + end
             prompt = builder.build(sample, length - len(answer), rng.uniform(0.0, 100.0))
@@ -197,7 +207,8 @@ def packed_rows(data: DataConfig, tokenizer, seq_len: int, *, seed: int) -> Iter
     """The endless stream of packed rows of one stage (deterministic for a seed)."""
     if data.source == "synthetic-passkey":
         documents = passkey_documents(
-            tokenizer, seq_len, seed=seed, loss=data.passkey.loss, haystack=data.passkey.haystack, eos=data.add_eos
+            tokenizer, seq_len, seed=seed, loss=data.passkey.loss, haystack=data.passkey.haystack, eos=data.add_eos,
+            tasks=data.passkey.tasks,
         )
     else:
         documents = text_documents(data, tokenizer, seed=seed)

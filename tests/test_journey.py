@@ -1,0 +1,133 @@
+"""benchmarks/journey.py's whole chain at tiny sizes (a few steps each, no quality claim): every
+command runs, configs travel, the table and the JSON line come out, and a rerun skips it all."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+JSON_KEYS = ["smallest_rank", "sibling_passkey_long", "sibling_skill_kept", "long_passkey_long", "base_passkey_long",
+             "control_rope_only"]
+
+
+def load_journey():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("journey", ROOT / "benchmarks" / "journey.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def journey():
+    return load_journey()
+
+
+SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--samples", "1", "--pretrain-steps", "3",
+         "--long-steps", "2,2", "--sibling-steps", "3", "--in-process"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(journey, tmp_path_factory):
+    """The whole chain once, pretraining included: (work directory, its stdout)."""
+    work = tmp_path_factory.mktemp("journey") / "work"
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert journey.main(["--work", str(work), *SMOKE]) == 0
+    return work, output.getvalue()
+
+
+def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, smoke_run, capsys):
+    work, out = smoke_run
+    line = json.loads(out.strip().splitlines()[-1])
+    assert list(line) == JSON_KEYS
+    results = json.loads((work / "results.json").read_text())
+    scores = results["scores"]
+    assert line["long_passkey_long"] == scores["LONG"]["passkey@1024"]
+    assert line["control_rope_only"] == scores["SIBLING, LONG's rope only"]["passkey@1024"]
+    rows = ["BASE", "LONG", "SIBLING", "SIBLING + r4", "BASE + r4 (LONG rebuilt)", "SIBLING + rfull",
+            "BASE + rfull (LONG rebuilt)", "SIBLING + e0.9", "BASE + e0.9 (LONG rebuilt)", "SIBLING, LONG's rope only",
+            f"SIBLING + random {results['key_rank']}", "LONG seed 1", "SIBLING seed 1", f"SIBLING + {results['key_rank']} seed 1"]
+    assert list(scores) == rows
+    for row in rows:
+        assert all(0.0 <= value <= 1.0 for value in scores[row].values())
+        assert {"passkey@256", "passkey@1024"} <= set(scores[row])
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == rows
+    assert results["adapters"]["rfull"]["relative_error_max"] < 1e-4 < results["adapters"]["r4"]["relative_error_mean"]
+
+    long_config = json.loads((work / "long" / "config.json").read_text())
+    for merged in ("sibling-r4", "base-e0.9", "sibling-rope-only", f"sibling-random-{results['key_rank']}"):
+        config = json.loads((work / "merged" / merged / "config.json").read_text())
+        assert config["rope_parameters"] == long_config["rope_parameters"] != {"rope_type": "default", "rope_theta": 1e4}
+        assert config["max_position_embeddings"] == 1024
+
+    # the full-rank adapter rebuilds LONG from BASE, tensor by tensor
+    long_weights = load_file(work / "long" / "model.safetensors")
+    rebuilt = load_file(work / "merged" / "base-rfull" / "model.safetensors")
+    assert rebuilt.keys() == long_weights.keys()
+    for name, tensor in long_weights.items():
+        torch.testing.assert_close(rebuilt[name], tensor, atol=2e-5, rtol=1e-4)
+
+    # the random control: the key adapter's shapes, modules_to_save and per-module ||BA||, other factors
+    key = work / "adapters" / results["key_rank"]
+    extracted, random = load_file(key / "adapter_model.safetensors"), load_file(work / "adapters" / f"random-{key.name}" / "adapter_model.safetensors")
+    assert extracted.keys() == random.keys()
+    for name in (n for n in extracted if ".lora_A." in n):
+        b_name = name.replace(".lora_A.", ".lora_B.")
+        product, random_product = extracted[b_name] @ extracted[name], random[b_name] @ random[name]
+        torch.testing.assert_close(torch.linalg.matrix_norm(random_product), torch.linalg.matrix_norm(product))
+        assert not torch.allclose(random_product, product)
+    for name in (n for n in extracted if "lora_" not in n):
+        assert torch.equal(extracted[name], random[name])
+
+    seconds = dict(results["seconds"])
+    assert journey.main(["--work", str(work), *SMOKE]) == 0
+    assert "$ longctx" not in capsys.readouterr().out
+    assert json.loads((work / "results.json").read_text())["seconds"] == seconds
+
+
+def test_the_gpu_variant_starts_from_a_given_base_and_trains_long_from_its_ntk_extension(journey, smoke_run, tmp_path):
+    """benchmarks/gpu/journey.sh's path at tiny sizes: --base, a one-stage LONG config without a
+    rope plan, trained from `longctx extend --method ntk`; the rope-only control is the same extension."""
+    base = smoke_run[0] / "base"
+    config = tmp_path / "long.yaml"
+    config.write_text("model: x\nprecision: float32\nactivation_checkpointing: false\n"
+                      "data: {source: synthetic-passkey, passkey: {loss: answer}}\n"
+                      "stages: [{seq_len: 1024, steps: 2, learning_rate: 1.0e-3, batch_size: 2}]\n")
+    work = tmp_path / "gpu-path"
+    assert journey.main(["--work", str(work), "--base", str(base), "--long-config", str(config), "--long-from-extend", "ntk",
+                         "--ranks", "8", "--energies", "", "--seeds", "0", "--samples", "1", "--sibling-steps", "2",
+                         "--sibling-batch", "2", "--in-process"]) == 0
+    extended = json.loads((work / "base-extended" / "config.json").read_text())
+    assert extended["rope_parameters"]["rope_theta"] > 1e4 and extended["max_position_embeddings"] == 1024
+    for model in ("long", "merged/sibling-rope-only", "merged/sibling-r8"):
+        config = json.loads((work / model / "config.json").read_text())
+        assert config["rope_parameters"] == extended["rope_parameters"]
+    assert json.loads((work / "results.json").read_text())["settings"]["base"] == str(base)
+    assert not (work / "init").exists()
+
+
+def scores_of(passkey_by_rank, skill_by_rank, sibling_skill=0.8):
+    scores = {"SIBLING": {"reverse@256": sibling_skill}}
+    for rank in passkey_by_rank:
+        scores[f"SIBLING + r{rank}"] = {"passkey@1024": passkey_by_rank[rank], "reverse@256": skill_by_rank[rank]}
+    return scores
+
+
+def test_the_key_rank_is_the_smallest_meeting_both_goals_else_the_best(journey):
+    scores = scores_of({4: 0.9, 8: 0.85, 16: 0.9}, {4: 0.6, 8: 0.76, 16: 0.8})
+    key = journey.key_choice(scores, ["r4", "r8", "r16"], 0.8, 0.9, 256, 1024)
+    assert (key["rank"], key["choice"], key["passkey_long"], key["skill_kept"]) == ("8", "r8", 0.85, pytest.approx(0.95))
+    missed = journey.key_choice(scores_of({4: 0.5, 8: 0.7}, {4: 0.8, 8: 0.4}), ["r4", "r8"], 0.8, 0.9, 256, 1024)
+    assert (missed["rank"], missed["choice"]) == (None, "r8")
+    assert journey.key_choice(scores_of({4: 0.9}, {4: 0.0}, sibling_skill=0.0), ["r4"], 0.8, 0.9, 256, 1024)["rank"] is None
