@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 longctx() { "$VENV/bin/longctx" "$@"; }
 OUT=${OUT:-out/demo}
 LENGTH=${LENGTH:-12k}
-DEPTHS=${DEPTHS:-25,75}
+DEPTHS=${DEPTHS:-25,50,75}
 mkdir -p "$OUT"
 
 echo "== 1. extend: SmolLM2-135M from 8K to 16K tokens, ntk + Self-Extend (config only, weights hard-linked)"
