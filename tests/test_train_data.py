@@ -192,3 +192,73 @@ def test_batch_stream_resumes_by_position_and_deals_rows_to_data_parallel_ranks(
     assert rank0.next_batch()["input_ids"][0].equal(batches[0]["input_ids"][0])
     assert rank1.next_batch()["input_ids"][0].equal(batches[0]["input_ids"][1])
     assert rank0.position == rank1.position == 2
+
+
+class CountingTokenizer:
+    """The test tokenizer, counting the texts it tokenizes (to show a resume reads nothing again)."""
+
+    def __init__(self):
+        self.inner, self.texts = make_tokenizer(), 0
+
+    def __call__(self, texts, **kwargs):
+        self.texts += len(texts) if isinstance(texts, list) else 1
+        return self.inner(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def corpus(tmp_path, records=700):
+    rng = random.Random(0)
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": "" if i % 97 == 5 else " ".join(f"w{i}-{j}" for j in range(rng.randrange(1, 60)))})
+             for i in range(records)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_seeks_to_the_row_and_gives_the_uninterrupted_rows(tmp_path, streaming):
+    """Rows after a resume at row k (its next_start) equal rows k+1... of one uninterrupted stream,
+    across a cut document, an empty record and an epoch boundary; the resume tokenizes at most one
+    batch of records more than it yields."""
+    data = DataConfig(source="files", paths=[str(corpus(tmp_path, 150))], streaming=streaming)
+    whole = packed_rows(data, make_tokenizer(), 96, seed=3)
+    rows = [next(whole) for _ in range(700)]  # past one epoch
+    epochs = {row.next_start["epoch"] for row in rows}
+    assert {0, 1} <= epochs
+    assert any(row.next_start["offset"] for row in rows)  # rows that end inside a document
+    first_of_epoch_1 = next(k for k, row in enumerate(rows) if row.next_start["epoch"] == 1)
+    for k in (0, 17, 300, first_of_epoch_1 - 1, first_of_epoch_1, 650):
+        tokenizer = CountingTokenizer()
+        resumed = packed_rows(data, tokenizer, 96, seed=3, resume_from=rows[k].next_start)
+        again = [next(resumed) for _ in range(5)]
+        assert [r.input_ids for r in again] == [r.input_ids for r in rows[k + 1 : k + 6]]
+        assert [r.labels for r in again] == [r.labels for r in rows[k + 1 : k + 6]]
+        assert [r.position_ids for r in again] == [r.position_ids for r in rows[k + 1 : k + 6]]
+        assert [r.next_start for r in again] == [r.next_start for r in rows[k + 1 : k + 6]]  # a resume of a resume
+        assert tokenizer.texts <= 2 * 256  # one or two tokenizer batches, not the records before the resume point
+
+
+def test_a_streaming_shuffle_buffer_cannot_seek_and_resumes_by_replay(tmp_path):
+    data = DataConfig(source="files", paths=[str(corpus(tmp_path, 100))], streaming=True, shuffle_buffer=16)
+    rows = packed_rows(data, make_tokenizer(), 64, seed=0)
+    assert next(rows).next_start is None
+    whole = BatchStream(packed_rows(data, make_tokenizer(), 64, seed=0), 2)
+    batches = [whole.next_batch() for _ in range(3)]
+    assert whole.resume_point is None
+    resumed = BatchStream(packed_rows(data, make_tokenizer(), 64, seed=0), 2, position=4)
+    assert resumed.next_batch()["input_ids"].equal(batches[2]["input_ids"])
+
+
+def test_batch_stream_seeked_equals_batch_stream_skipped(tmp_path):
+    data = DataConfig(source="files", paths=[str(corpus(tmp_path, 200))])
+    tokenizer = make_tokenizer()
+    whole = BatchStream(packed_rows(data, tokenizer, 80, seed=1), 2, dp_rank=1, dp_size=2)
+    batches = [whole.next_batch() for _ in range(4)]
+    point = BatchStream(packed_rows(data, tokenizer, 80, seed=1), 2, dp_rank=1, dp_size=2, position=8)
+    seeked = BatchStream(packed_rows(data, tokenizer, 80, seed=1, resume_from=point.resume_point), 2,
+                         dp_rank=1, dp_size=2, position=8, seeked=True)
+    for expected in batches[2:]:
+        assert seeked.next_batch()["input_ids"].equal(expected["input_ids"])
+    assert seeked.position == whole.position == 16

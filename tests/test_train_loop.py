@@ -95,6 +95,8 @@ def test_kill_and_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path,
     with pytest.raises(LongctxError, match="pass --resume"):
         train_from_config(cut_config, progress=False)
     assert train_from_config(cut_config, progress=False, stop_after_steps=1, resume=True) is None  # killed again
+    saved = [json.loads(path.read_text()) for path in (cut_dir / "out-checkpoints").glob("*/trainer_state.json")]
+    assert saved and all(state["data_resume"]["record"] >= 0 for state in saved)  # resumed by seeking, not replay
     output = train_from_config(cut_config, progress=False, resume=True)
     assert losses(cut_dir / "out-checkpoints") == losses(whole_dir / "out-checkpoints")
     for name in ("model.safetensors",):

@@ -13,8 +13,16 @@ tokens with consecutive documents and keeps their boundaries:
 transformers reads restarting position_ids without an attention mask as packed sequences
 and keeps attention inside each document (sdpa and eager attention).
 
-The data position is the number of rows read so far: a resumed run re-creates the
-(deterministic) stream and skips that many rows.
+Resuming: every row of a text source (files or a dataset) carries where the next row starts,
+`{"epoch", "record", "offset"}` (the record's index in that epoch's order, and how many of its
+tokens are already packed), which the trainer saves with its checkpoint; a resumed run opens
+the dataset at that record (`Dataset.select`, or `IterableDataset.skip` when streaming) and
+tokenizes from there, so nothing consumed before is tokenized again. A document cut at a row's
+end continues as a new segment, so packing its remainder alone gives the rows the
+uninterrupted run had. Sources that cannot seek (the synthetic passkey stream; a streaming
+dataset with a shuffle buffer, whose buffer `datasets` does not save) re-create the
+deterministic stream and skip the rows read. Text is tokenized in batches (one fast-tokenizer
+call each) that grow from FIRST_TOKENIZE_BATCH to TOKENIZE_BATCH records.
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ from longctx.tasks.haystacks import DATASET_BUILDERS, dataset_errors
 from longctx.train.config import DataConfig, resolve_data_files
 
 MIN_HAYSTACK_TOKENS = 16  # the least haystack a synthetic passkey document holds
+TOKENIZE_BATCH = 256  # records per tokenizer call, reached by doubling from FIRST_TOKENIZE_BATCH
+FIRST_TOKENIZE_BATCH = 8  # so that the first row (after a resume too) waits for a few documents only
 
 
 @dataclass
 class Document:
     ids: list[int]
     targets: list[bool] | None = None  # targets[i]: whether token i is predicted (None: all are)
+    where: tuple[int, int] | None = None  # (epoch, record) of a seekable source; ids start at `skipped`
+    skipped: int = 0  # tokens of the record already packed before a resume (ids holds the rest)
 
 
 @dataclass
@@ -45,6 +57,7 @@ class PackedRow:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    next_start: dict | None = None  # where the row after this one starts, for a seekable source
 
 
 def pack_documents(documents: Iterable[Document], seq_len: int) -> Iterator[PackedRow]:
@@ -65,8 +78,18 @@ def pack_documents(documents: Iterable[Document], seq_len: int) -> Iterator[Pack
                 labels.append(piece[i + 1] if is_target else IGNORE_INDEX)
             start += len(piece)
             if len(ids) == seq_len:
-                yield PackedRow(ids, labels, positions)
+                yield PackedRow(ids, labels, positions, next_start(document, start))
                 ids, labels, positions = [], [], []
+
+
+def next_start(document: Document, packed: int) -> dict | None:
+    """Where the stream continues after `packed` tokens of `document` (None: the source cannot seek)."""
+    if document.where is None:
+        return None
+    epoch, record = document.where
+    if packed < len(document.ids):
+        return {"epoch": epoch, "record": record, "offset": document.skipped + packed}
+    return {"epoch": epoch, "record": record + 1, "offset": 0}
 
 
 def collate(rows: list[PackedRow]) -> dict[str, torch.Tensor]:
@@ -174,12 +197,13 @@ def check_data_source(data: DataConfig) -> None:
         open_dataset(data)
 
 
-def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Document]:
+def text_documents(data: DataConfig, tokenizer, *, seed: int, resume_from: dict | None = None) -> Iterator[Document]:
     """Tokenized documents from local files (jsonl, parquet, text) or a hub dataset, through `datasets`.
 
     With data.streaming the files are read lazily (corpora larger than memory); otherwise
     they are loaded (memory-mapped Arrow) and shuffled with the seed. Each document ends
-    with EOS when data.add_eos.
+    with EOS when data.add_eos. `resume_from` ({"epoch", "record", "offset"}, a row's
+    next_start) starts the stream there without reading what came before it.
     """
     dataset = open_dataset(data)
     if data.streaming:
@@ -187,31 +211,57 @@ def text_documents(data: DataConfig, tokenizer, *, seed: int) -> Iterator[Docume
             dataset = dataset.shuffle(seed=seed, buffer_size=data.shuffle_buffer)
     else:
         dataset = dataset.shuffle(seed=seed)
+    seekable = not (data.streaming and data.shuffle_buffer)
+    start = resume_from if seekable and resume_from else {"epoch": 0, "record": 0, "offset": 0}
     eos = [tokenizer.eos_token_id] if data.add_eos and tokenizer.eos_token_id is not None else []
-    for epoch in itertools.count():
+    for epoch in itertools.count(start["epoch"]):
         if epoch and data.streaming and data.shuffle_buffer:
             dataset.set_epoch(epoch)
-        count = 0
-        for record in dataset:
-            text = record[data.text_field]
-            if not text:
-                continue
-            ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]) + eos
-            count += 1
-            yield Document(ids)
-        if not count:
+        first = start["record"] if epoch == start["epoch"] else 0
+        offset = start["offset"] if epoch == start["epoch"] else 0
+        if not first:
+            records = dataset
+        elif data.streaming:
+            records = dataset.skip(first)
+        elif first < len(dataset):
+            records = dataset.select(range(first, len(dataset)))
+        else:
+            continue  # the resumed epoch was finished
+        record, documents = first, 0
+        for texts in _text_batches(records, data.text_field):
+            encoded = tokenizer([text or "" for text in texts], add_special_tokens=True, verbose=False)["input_ids"]
+            for text, ids in zip(texts, encoded):
+                if text:
+                    skip = offset if record == first else 0
+                    documents += 1
+                    yield Document((list(ids) + eos)[skip:], where=(epoch, record) if seekable else None, skipped=skip)
+                record += 1
+        if not documents and not first:
             raise LongctxError(f"training data has no non-empty {data.text_field!r} text; check data.paths")
 
 
-def packed_rows(data: DataConfig, tokenizer, seq_len: int, *, seed: int) -> Iterator[PackedRow]:
-    """The endless stream of packed rows of one stage (deterministic for a seed)."""
+def _text_batches(records, field: str) -> Iterator[list]:
+    """The texts of `records` in batches of FIRST_TOKENIZE_BATCH, doubling up to TOKENIZE_BATCH."""
+    size, batch = FIRST_TOKENIZE_BATCH, []
+    for record in records:
+        batch.append(record[field])
+        if len(batch) == size:
+            yield batch
+            size, batch = min(2 * size, TOKENIZE_BATCH), []
+    if batch:
+        yield batch
+
+
+def packed_rows(data: DataConfig, tokenizer, seq_len: int, *, seed: int, resume_from: dict | None = None) -> Iterator[PackedRow]:
+    """The endless stream of packed rows of one stage (deterministic for a seed); `resume_from` (a
+    row's next_start) starts a text source where that row left off."""
     if data.source == "synthetic-passkey":
         documents = passkey_documents(
             tokenizer, seq_len, seed=seed, loss=data.passkey.loss, haystack=data.passkey.haystack, eos=data.add_eos,
             tasks=data.passkey.tasks,
         )
     else:
-        documents = text_documents(data, tokenizer, seed=seed)
+        documents = text_documents(data, tokenizer, seed=seed, resume_from=resume_from)
     return pack_documents(documents, seq_len)
 
 
@@ -220,20 +270,27 @@ class BatchStream:
 
     Rows are dealt round-robin to data-parallel ranks (row i goes to rank i % dp_size);
     the ranks of one sequence-parallel group read the same rows. `position` counts rows of
-    the global stream consumed, so skipping `position` rows resumes exactly.
+    the global stream consumed; `resume_point` is where the next row starts in a seekable
+    source (None otherwise). A stream made at `position` skips that many rows, unless
+    `rows` already starts there (`seeked`, rows from packed_rows(resume_from=...)).
     """
 
-    def __init__(self, rows: Iterator[PackedRow], batch_size: int, *, dp_rank: int = 0, dp_size: int = 1, position: int = 0):
+    def __init__(self, rows: Iterator[PackedRow], batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
+                 position: int = 0, seeked: bool = False):
         self.rows = rows
         self.batch_size = batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.resume_point: dict | None = None
         self.position = 0
-        self._skip(position)
+        if seeked:
+            self.position = position
+        else:
+            self._skip(position)
 
     def _skip(self, count: int) -> None:
         for _ in range(count):
-            next(self.rows)
+            self.resume_point = next(self.rows).next_start
         self.position = count
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -243,4 +300,5 @@ class BatchStream:
             if self.position % self.dp_size == self.dp_rank:
                 rows.append(row)
             self.position += 1
+            self.resume_point = row.next_start
         return collate(rows)

@@ -302,18 +302,20 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
         rope = ropes[index]
         set_rope(model, rope)
         optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(runtime.dp_size))
-        step, data_position, tokens_seen = 0, 0, 0
+        step, data_position, data_resume, tokens_seen = 0, 0, None, 0
         if resuming_here:
             ckpt.load_training_state(start["dir"], module=module, optimizer=optimizer, scheduler=scheduler,
                                      distributed=runtime.distributed, rank=runtime.rank)
             step, data_position, tokens_seen = start["step"], start["data_position"], start["tokens"]
+            data_resume = start.get("data_resume")  # None: the source cannot seek (or an older checkpoint)
             log.info("resuming stage %d at step %d from %s", index + 1, step, start["dir"])
         elif start and index == start["stage"] + 1 and start["stage_done"]:
             ckpt.load_model_weights(start["dir"], module, runtime.distributed)
         start = None
         stream = BatchStream(
-            packed_rows(config.data, tokenizer, stage.seq_len, seed=config.seed + index),
+            packed_rows(config.data, tokenizer, stage.seq_len, seed=config.seed + index, resume_from=data_resume),
             stage.batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, position=data_position,
+            seeked=data_resume is not None,
         )
         total = stage.total_steps(runtime.dp_size)
         tokens_per_step = stage.tokens_per_step(runtime.dp_size)
@@ -345,7 +347,7 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
                 })
             if step % config.logging.checkpoint_every == 0 and step < total:
                 _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step,
-                            global_step, stream.position, tokens_seen, stage_done=False)
+                            global_step, stream, tokens_seen, stage_done=False)
         bar.close()
         duration = time.perf_counter() - stage_start
         summary = {
@@ -359,7 +361,7 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
         stage_dir = paths.checkpoints / f"stage-{index + 1}-{stage.seq_len}"
         _export_model(module, model, runtime, config, model_dir, stage_dir, schedule, paths)
         _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step,
-                    global_step, stream.position, tokens_seen, stage_done=True)
+                    global_step, stream, tokens_seen, stage_done=True)
         if runtime.is_main:
             ckpt.append_metrics(paths.checkpoints, {"event": "stage_end", "global_step": global_step, **summary,
                                                     "seconds": round(duration, 1)})
@@ -460,9 +462,10 @@ def _prepare_checkpoint_dir(paths: RunPaths, start: dict | None, *, overwrite: b
 
 
 def _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step, global_step,
-                data_position, tokens, *, stage_done):
+                stream, tokens, *, stage_done):
     trainer_state = {
-        "stage": index, "step": step, "global_step": global_step, "data_position": data_position,
+        "stage": index, "step": step, "global_step": global_step,
+        "data_position": stream.position, "data_resume": stream.resume_point,
         "tokens": tokens, "stage_done": stage_done, "schedule": schedule, "seed": config.seed,
         "world_size": runtime.world_size, "stages": stage_plan(config),
     }
