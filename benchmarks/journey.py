@@ -215,16 +215,17 @@ class Journey:
 
     # --- scores ---------------------------------------------------------------------------
 
-    def score(self, row: str, model: Path, tasks: tuple[str, ...] = TASKS) -> dict:
+    def score(self, row: str, model: Path, tasks: tuple[str, ...] = TASKS, needle_seed: int | None = None) -> dict:
         """{task@length: score} of `longctx needle` on model, each task once over both lengths."""
         scores = self.results["scores"].setdefault(row, {})
+        needle_seed = self.args.needle_seed if needle_seed is None else needle_seed
         for task in tasks:
             if f"{task}@{self.long_len}" in scores:
                 continue
-            output = self.work / "needle" / f"{model.name}-{task}"
+            output = self.work / "needle" / f"{model.name}-{task}{'' if needle_seed == self.args.needle_seed else f'-probes{needle_seed}'}"
             self.longctx(f"needle {row} {task}", "needle", "--model", model, "--task", task,
                          "--lengths", f"{self.short},{self.long_len}", "--depths", DEPTHS, "--samples", self.args.samples,
-                         "--seed", self.args.needle_seed, "--device", self.args.device, "--output", output, "--overwrite")
+                         "--seed", needle_seed, "--device", self.args.device, "--output", output, "--overwrite")
             per_length = json.loads((output / "summary.json").read_text())["per_length"]
             for length, value in per_length.items():
                 scores[f"{task}@{length}"] = float(value)
@@ -260,6 +261,9 @@ class Journey:
         self.results["key_rank"] = key["choice"]
         random_adapter = self.random_adapter(self.work / "adapters" / key["choice"])
         self.score(f"SIBLING + random {key['choice']}", self.graft(sibling, random_adapter, f"sibling-random-{key['choice']}"))
+        for needle_seed in args.spread_needle_seeds:
+            for row, model in (("LONG", long), ("SIBLING", sibling), (f"SIBLING + {key['choice']}", self.work / "merged" / f"sibling-{key['choice']}")):
+                self.score(f"{row} (probes seed {needle_seed})", model, needle_seed=needle_seed)
         for seed in args.seeds[1:]:
             long_s, sibling_s = self.long(base, seed), self.sibling(base, seed)
             self.score(f"LONG seed {seed}", long_s, ("passkey",))
@@ -270,7 +274,7 @@ class Journey:
                        self.graft(sibling_s, adapter, f"sibling-{suffixed(key['choice'], seed)}"))
         self.results["settings"] = {
             "lengths": [self.short, self.long_len], "base": str(args.base or "pretrained here"),
-            "long_config": str(args.long_config), "long_from_extend": args.long_from_extend, "seeds": args.seeds, "needle_seed": args.needle_seed, "probes_per_cell": 5 * args.samples,
+            "long_config": str(args.long_config), "long_from_extend": args.long_from_extend, "seeds": args.seeds, "needle_seed": args.needle_seed, "spread_needle_seeds": args.spread_needle_seeds, "probes_per_cell": 5 * args.samples,
             "pretrain_steps": args.pretrain_steps, "sibling_steps": args.sibling_steps,
             "long_steps": args.long_steps or "configs/tiny-passkey.yaml", "threads": args.threads}
         self.save()
@@ -313,8 +317,10 @@ def full_rank(model: Path) -> int:
 
 
 def skill_kept(scores: dict, row: str, short: int) -> float | None:
-    """The grafted sibling's skill score at the short length as a fraction of the sibling's own."""
-    own = scores["SIBLING"][f"{SKILL}@{short}"]
+    """The grafted sibling's skill score at the short length as a fraction of the sibling's own
+    (on the same probes)."""
+    probes = row[row.index(" (probes seed"):] if " (probes seed" in row else ""
+    own = scores[f"SIBLING{probes}"][f"{SKILL}@{short}"]
     return scores[row][f"{SKILL}@{short}"] / own if own else None
 
 
@@ -342,6 +348,7 @@ def format_table(results: dict, short: int, long: int) -> str:
         cells = [f"{scores[c]:.2f}" if c in scores else "-" for c in columns]
         kept = skill_kept(results["scores"], row, short) if f"{SKILL}@{short}" in scores and "SIBLING" in results["scores"] else None
         choice = row.split(" + ")[1].split(" (")[0] if " + " in row and "random" not in row else None
+        choice = choice.replace(" (probes", "") if choice else None
         facts = adapters.get(choice)
         size = f"{facts['mb']:.2f}" if facts else "-"
         error = f"{facts['relative_error_mean']:.3f} / {facts['relative_error_max']:.3f}" if facts else "-"
@@ -371,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training seeds: the first for everything, the others for LONG + SIBLING at the key rank")
     parser.add_argument("--samples", type=int, default=4, help="needle samples per depth (5 depths) and length")
     parser.add_argument("--needle-seed", type=int, default=1)
+    parser.add_argument("--spread-needle-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                        help="needle seeds (new probes) to score LONG, SIBLING and the key graft again with, for the spread")
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STAGE["steps"])
     parser.add_argument("--long-steps", type=lambda s: [int(x) for x in s.split(",")],
                         help="steps of LONG's stages (default: configs/tiny-passkey.yaml's)")

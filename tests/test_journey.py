@@ -32,7 +32,7 @@ def journey():
     return load_journey()
 
 
-SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--samples", "1", "--pretrain-steps", "3",
+SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--spread-needle-seeds", "2", "--samples", "1", "--pretrain-steps", "3",
          "--long-steps", "2,2", "--sibling-steps", "3", "--in-process"]
 
 
@@ -56,13 +56,16 @@ def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, smo
     assert line["control_rope_only"] == scores["SIBLING, LONG's rope only"]["passkey@1024"]
     rows = ["BASE", "LONG", "SIBLING", "SIBLING + r4", "BASE + r4 (LONG rebuilt)", "SIBLING + rfull",
             "BASE + rfull (LONG rebuilt)", "SIBLING + e0.9", "BASE + e0.9 (LONG rebuilt)", "SIBLING, LONG's rope only",
-            f"SIBLING + random {results['key_rank']}", "LONG seed 1", "SIBLING seed 1", f"SIBLING + {results['key_rank']} seed 1"]
+            f"SIBLING + random {results['key_rank']}", "LONG (probes seed 2)", "SIBLING (probes seed 2)",
+            f"SIBLING + {results['key_rank']} (probes seed 2)", "LONG seed 1", "SIBLING seed 1", f"SIBLING + {results['key_rank']} seed 1"]
     assert list(scores) == rows
     for row in rows:
         assert all(0.0 <= value <= 1.0 for value in scores[row].values())
         assert {"passkey@256", "passkey@1024"} <= set(scores[row])
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in table[1:]] == rows
+    summary = json.loads((work / "needle" / f"sibling-{results['key_rank']}-passkey-probes2" / "summary.json").read_text())
+    assert summary["settings"]["seed"] == 2
     assert results["adapters"]["rfull"]["relative_error_max"] < 1e-4 < results["adapters"]["r4"]["relative_error_mean"]
 
     long_config = json.loads((work / "long" / "config.json").read_text())
