@@ -197,7 +197,7 @@ def test_cli_plan_errors(llama3_8b_dir, tmp_path, capsys):
     assert main(["plan", "--model", str(llama3_8b_dir), "--target-len", "4k"]) == 2
     assert "not beyond the native length" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "missing"), "--target-len", "64k"]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", "--model", str(llama3_8b_dir), "--target-len", "64k", "--method", "rope"])
     with pytest.raises(SystemExit):

@@ -17,6 +17,7 @@ once complete, so a kill during a save leaves the previous one in force.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -169,7 +170,35 @@ def latest_state_dir(checkpoint_dir: Path) -> Path | None:
     return path
 
 
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands: the loop advances it, every checkpoint saves it (trainer_state.json), and
+    --resume starts from the saved one."""
+
+    stage: int = 0  # index of the stage being trained
+    step: int = 0  # optimizer steps done in that stage
+    global_step: int = 0  # optimizer steps done in the run
+    tokens: int = 0  # tokens trained on in that stage
+    data_position: int = 0  # rows of the stage's data stream consumed
+    data_resume: dict | None = None  # where the next row starts in a seekable source (train/data.py)
+    stage_done: bool = False  # the stage finished and its model directory was written
+    schedule: list[dict] = dataclasses.field(default_factory=list)  # one summary per finished stage
+
+    def start_stage(self, index: int) -> None:
+        self.stage, self.step, self.tokens, self.data_position, self.data_resume = index, 0, 0, 0, None
+        self.stage_done = False
+
+    def to_json(self, **run) -> dict:
+        """The state, with fields of the run it belongs to (seed, world size, stage plan) beside it."""
+        return {**dataclasses.asdict(self), **run}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainState:
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls) if field.name in data})
+
+
 def read_trainer_state(state_dir: Path) -> dict:
+    """trainer_state.json as saved: TrainState's fields and the run's (TrainState.from_json reads the former)."""
     return read_json(state_dir / "trainer_state.json")
 
 

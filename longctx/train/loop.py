@@ -267,6 +267,28 @@ class RunPaths:
     checkpoints: Path
 
 
+@dataclass
+class Resume:
+    """The saved state a resumed run starts from, and the checkpoint directory holding it."""
+
+    state: ckpt.TrainState
+    directory: Path
+
+
+@dataclass
+class Run:
+    """What stays fixed for a whole run: what every stage reads."""
+
+    config: TrainConfig
+    paths: RunPaths
+    runtime: Runtime
+    model_dir: Path
+    model: torch.nn.Module  # the causal LM (PEFT-wrapped in lora mode)
+    module: CausalLMLoss  # the model with the chunked loss, FSDP-sharded when distributed
+    tokenizer: object
+    progress: bool
+
+
 def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, stop_after_steps: int | None = None, inputs: dict | None = None,
                  allow_pickle: bool = False) -> Path | None:
@@ -275,8 +297,6 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
     stop_after_steps ends the run after that many optimizer steps in this invocation, as a
     kill would (used to test that resuming reproduces an uninterrupted run).
     """
-    from tqdm.auto import tqdm
-
     from longctx.models import read_json, resolve_model
 
     start = check_run(config, paths, resume=resume, overwrite=overwrite, inputs=inputs)  # before the first write
@@ -285,100 +305,111 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
     base_config = read_json(model_dir / "config.json")
     ropes = [stage_rope(base_config, stage) for stage in config.stages]  # plan every stage before any work
     model, tokenizer = load_model(model_dir, config, runtime, allow_pickle=allow_pickle)
-    start = _prepare_checkpoint_dir(paths, start, overwrite=overwrite, runtime=runtime)
+    _prepare_checkpoint_dir(paths, start, overwrite=overwrite, runtime=runtime)
 
     module = CausalLMLoss(model, config.loss_chunk_size).to(runtime.device)
     if runtime.distributed:
         shard_module(module, runtime)
     torch.manual_seed(config.seed)
+    run = Run(config, paths, runtime, model_dir, model, module, tokenizer, progress)
 
-    schedule = start.get("schedule", []) if start else []
-    global_step = start["global_step"] if start else 0
-    steps_this_run = 0
+    state = start.state if start else ckpt.TrainState()
+    steps_left = stop_after_steps  # optimizer steps this invocation may still take (None: no limit)
     for index, stage in enumerate(config.stages):
-        if start and index < start["stage"] or start and index == start["stage"] and start["stage_done"]:
+        if index < state.stage or index == state.stage and state.stage_done:
             continue
-        resuming_here = bool(start) and index == start["stage"]
-        rope = ropes[index]
-        set_rope(model, rope)
+        set_rope(model, ropes[index])
         optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(runtime.dp_size))
-        step, data_position, data_resume, tokens_seen = 0, 0, None, 0
-        if resuming_here:
-            ckpt.load_training_state(start["dir"], module=module, optimizer=optimizer, scheduler=scheduler,
+        if start and index == start.state.stage:
+            ckpt.load_training_state(start.directory, module=module, optimizer=optimizer, scheduler=scheduler,
                                      distributed=runtime.distributed, rank=runtime.rank)
-            step, data_position, tokens_seen = start["step"], start["data_position"], start["tokens"]
-            data_resume = start.get("data_resume")  # None: the source cannot seek (or an older checkpoint)
-            log.info("resuming stage %d at step %d from %s", index + 1, step, start["dir"])
-        elif start and index == start["stage"] + 1 and start["stage_done"]:
-            ckpt.load_model_weights(start["dir"], module, runtime.distributed)
+            log.info("resuming stage %d at step %d from %s", index + 1, state.step, start.directory)
+        else:
+            if start and index == start.state.stage + 1:  # the saved run had just finished the stage before
+                ckpt.load_model_weights(start.directory, module, runtime.distributed)
+            state.start_stage(index)
         start = None
-        stream = BatchStream(
-            packed_rows(config.data, tokenizer, stage.seq_len, seed=config.seed + index, resume_from=data_resume),
-            stage.batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, position=data_position,
-            seeked=data_resume is not None,
-        )
-        total = stage.total_steps(runtime.dp_size)
-        tokens_per_step = stage.tokens_per_step(runtime.dp_size)
-        bar = tqdm(total=total, initial=step, desc=f"stage {index + 1}/{len(config.stages)} @{stage.seq_len}",
-                   disable=not (progress and runtime.is_main), dynamic_ncols=True)
-        stage_start, stage_start_step, losses = time.perf_counter(), step, []
-        while step < total:
-            if stop_after_steps is not None and steps_this_run >= stop_after_steps:
-                bar.close()
-                return None
-            started = time.perf_counter()
-            micro_batches = [stream.next_batch() for _ in range(stage.gradient_accumulation)]
-            lr = scheduler.get_last_lr()[0]
-            loss = train_step(module, optimizer, scheduler, micro_batches, runtime, config.optimizer.grad_clip,
-                              config.precision)
-            elapsed = time.perf_counter() - started
-            step += 1
-            global_step += 1
-            steps_this_run += 1
-            tokens_seen += tokens_per_step
-            losses.append(loss)
-            tokens_per_s = tokens_per_step / elapsed
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if runtime.is_main and (step % config.logging.log_every == 0 or step == total):
-                ckpt.append_metrics(paths.checkpoints, {
-                    "stage": index + 1, "seq_len": stage.seq_len, "step": step, "global_step": global_step,
-                    "loss": loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
-                })
-            if step % config.logging.checkpoint_every == 0 and step < total:
-                _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step,
-                            global_step, stream, tokens_seen, stage_done=False)
-        bar.close()
-        duration = time.perf_counter() - stage_start
-        summary = {
-            "stage": index + 1, "seq_len": stage.seq_len, "steps": total, "tokens": tokens_seen,
-            "learning_rate": stage.learning_rate, "batch_size": stage.batch_size,
-            "gradient_accumulation": stage.gradient_accumulation, "rope": rope,
-            "final_loss": losses[-1] if losses else None,
-            "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        }
-        schedule.append(summary)
-        stage_dir = paths.checkpoints / f"stage-{index + 1}-{stage.seq_len}"
-        _export_model(module, model, runtime, config, model_dir, stage_dir, schedule, paths)
-        _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step,
-                    global_step, stream, tokens_seen, stage_done=True)
-        if runtime.is_main:
-            ckpt.append_metrics(paths.checkpoints, {"event": "stage_end", "global_step": global_step, **summary,
-                                                    "seconds": round(duration, 1)})
-            steps_done = step - stage_start_step
-            log.info(
-                "stage %d/%d done: seq_len %d, %d steps, %s tokens, loss %.4f, %.0f tokens/s, %.0f s; model in %s",
-                index + 1, len(config.stages), stage.seq_len, total, f"{tokens_seen:,}", summary["final_loss"] or float("nan"),
-                steps_done * tokens_per_step / max(duration, 1e-9), duration, stage_dir,
-            )
+        taken = run_stage(run, state, stage, ropes[index], optimizer, scheduler, steps_left)
+        if taken is None:
+            return None
+        steps_left = None if steps_left is None else steps_left - taken
     final_stage = paths.checkpoints / f"stage-{len(config.stages)}-{config.stages[-1].seq_len}"
     if runtime.is_main:
-        _write_final(final_stage, paths, config, schedule, model_dir, overwrite)
+        _write_final(final_stage, paths, config, state.schedule, model_dir, overwrite)
     if runtime.distributed:
         import torch.distributed as dist
 
         dist.barrier()
     return paths.output
+
+
+def run_stage(run: Run, state: ckpt.TrainState, stage: StageConfig, rope: dict, optimizer, scheduler,
+              steps_left: int | None = None) -> int | None:
+    """Train `state.stage` from `state.step` to its end, saving every checkpoint_every steps, then write
+    the stage's model directory; returns the steps taken. None when `steps_left` ran out first (as a
+    kill would)."""
+    from tqdm.auto import tqdm
+
+    config, runtime, index = run.config, run.runtime, state.stage
+    stream = BatchStream(
+        packed_rows(config.data, run.tokenizer, stage.seq_len, seed=config.seed + index, resume_from=state.data_resume),
+        stage.batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, position=state.data_position,
+        seeked=state.data_resume is not None,  # None: a fresh stage, or a source that cannot seek (replayed)
+    )
+    total = stage.total_steps(runtime.dp_size)
+    tokens_per_step = stage.tokens_per_step(runtime.dp_size)
+    bar = tqdm(total=total, initial=state.step, desc=f"stage {index + 1}/{len(config.stages)} @{stage.seq_len}",
+               disable=not (run.progress and runtime.is_main), dynamic_ncols=True)
+    stage_start, stage_start_step, losses = time.perf_counter(), state.step, []
+    while state.step < total:
+        if steps_left is not None and state.step - stage_start_step >= steps_left:
+            bar.close()
+            return None
+        started = time.perf_counter()
+        micro_batches = [stream.next_batch() for _ in range(stage.gradient_accumulation)]
+        lr = scheduler.get_last_lr()[0]
+        loss = train_step(run.module, optimizer, scheduler, micro_batches, runtime, config.optimizer.grad_clip,
+                          config.precision)
+        elapsed = time.perf_counter() - started
+        state.step += 1
+        state.global_step += 1
+        state.tokens += tokens_per_step
+        state.data_position, state.data_resume = stream.position, stream.resume_point
+        losses.append(loss)
+        tokens_per_s = tokens_per_step / elapsed
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        if runtime.is_main and (state.step % config.logging.log_every == 0 or state.step == total):
+            ckpt.append_metrics(run.paths.checkpoints, {
+                "stage": index + 1, "seq_len": stage.seq_len, "step": state.step, "global_step": state.global_step,
+                "loss": loss, "lr": lr, "tokens": state.tokens, "tokens_per_s": round(tokens_per_s, 1),
+            })
+        if state.step % config.logging.checkpoint_every == 0 and state.step < total:
+            _save_state(run, state, optimizer, scheduler)
+    bar.close()
+    duration = time.perf_counter() - stage_start
+    summary = {
+        "stage": index + 1, "seq_len": stage.seq_len, "steps": total, "tokens": state.tokens,
+        "learning_rate": stage.learning_rate, "batch_size": stage.batch_size,
+        "gradient_accumulation": stage.gradient_accumulation, "rope": rope,
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+    }
+    state.schedule.append(summary)
+    stage_dir = run.paths.checkpoints / f"stage-{index + 1}-{stage.seq_len}"
+    _export_model(run, stage_dir, state.schedule)
+    state.stage_done = True
+    _save_state(run, state, optimizer, scheduler)
+    if runtime.is_main:
+        ckpt.append_metrics(run.paths.checkpoints, {"event": "stage_end", "global_step": state.global_step, **summary,
+                                                    "seconds": round(duration, 1)})
+        steps_done = state.step - stage_start_step
+        log.info(
+            "stage %d/%d done: seq_len %d, %d steps, %s tokens, loss %.4f, %.0f tokens/s, %.0f s; model in %s",
+            index + 1, len(config.stages), stage.seq_len, total, f"{state.tokens:,}", summary["final_loss"] or float("nan"),
+            steps_done * tokens_per_step / max(duration, 1e-9), duration, stage_dir,
+        )
+    return state.step - stage_start_step
 
 
 def run_inputs(config: TrainConfig) -> dict:
@@ -396,7 +427,7 @@ def run_inputs(config: TrainConfig) -> dict:
 
 
 def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, overwrite: bool = False,
-              inputs: dict | None = None) -> dict | None:
+              inputs: dict | None = None) -> Resume | None:
     """Every check a run can make before it writes or loads anything: flags, the world size, the
     output and checkpoint locations against the inputs, the data source, and on --resume that the
     saved run has the config's stages. Returns the state to resume from (or None); writes nothing."""
@@ -431,7 +462,7 @@ def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, ove
             f"cannot resume {paths.checkpoints}: the config's stages differ from the saved run's ({', '.join(changed)}); "
             "use the config the run started with, or --overwrite to start over"
         )
-    return {**state, "dir": state_dir}
+    return Resume(ckpt.TrainState.from_json(state), state_dir)
 
 
 def stage_plan(config: TrainConfig) -> list[dict]:
@@ -440,8 +471,9 @@ def stage_plan(config: TrainConfig) -> list[dict]:
              "gradient_accumulation": stage.gradient_accumulation} for stage in config.stages]
 
 
-def _prepare_checkpoint_dir(paths: RunPaths, start: dict | None, *, overwrite: bool, runtime: Runtime) -> dict | None:
-    """Make the checkpoint directory ready (emptied on --overwrite) once the model has loaded; returns start."""
+def _prepare_checkpoint_dir(paths: RunPaths, start: Resume | None, *, overwrite: bool, runtime: Runtime) -> None:
+    """Make the checkpoint directory ready once the model has loaded: emptied on --overwrite, and a
+    resumed run's metrics cut back to its saved step."""
     if runtime.is_main and start is None and overwrite and paths.checkpoints.exists():
         import shutil
 
@@ -452,27 +484,19 @@ def _prepare_checkpoint_dir(paths: RunPaths, start: dict | None, *, overwrite: b
         dist.barrier()
     if runtime.is_main:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    if start is None:
-        if runtime.is_main:
+        if start is None:
             (paths.checkpoints / ckpt.METRICS).unlink(missing_ok=True)
-        return None
-    if runtime.is_main:
-        ckpt.truncate_metrics(paths.checkpoints, start["global_step"])
-    return start
+        else:
+            ckpt.truncate_metrics(paths.checkpoints, start.state.global_step)
 
 
-def _save_state(paths, module, optimizer, scheduler, runtime, config, schedule, index, step, global_step,
-                stream, tokens, *, stage_done):
-    trainer_state = {
-        "stage": index, "step": step, "global_step": global_step,
-        "data_position": stream.position, "data_resume": stream.resume_point,
-        "tokens": tokens, "stage_done": stage_done, "schedule": schedule, "seed": config.seed,
-        "world_size": runtime.world_size, "stages": stage_plan(config),
-    }
+def _save_state(run: Run, state: ckpt.TrainState, optimizer, scheduler) -> None:
+    runtime = run.runtime
+    trainer_state = state.to_json(seed=run.config.seed, world_size=runtime.world_size, stages=stage_plan(run.config))
     ckpt.save_training_state(
-        paths.checkpoints, module=module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
+        run.paths.checkpoints, module=run.module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
         distributed=runtime.distributed, rank=runtime.rank, world_size=runtime.world_size,
-        keep=config.logging.keep_checkpoints,
+        keep=run.config.logging.keep_checkpoints,
     )
 
 
@@ -490,19 +514,20 @@ def _metadata(config: TrainConfig, schedule: list[dict], model_dir: Path, rope: 
     }
 
 
-def _export_model(module, model, runtime, config, model_dir, dest, schedule, paths) -> None:
+def _export_model(run: Run, dest: Path, schedule: list[dict]) -> None:
     """Write the stage's model directory (collective under FSDP; rank 0 writes)."""
-    state = ckpt.full_model_state(module, runtime.distributed)
+    config, runtime = run.config, run.runtime
+    state = ckpt.full_model_state(run.module, runtime.distributed)
     if runtime.is_main:
         scaling = config.lora.alpha / config.lora.r if config.mode == "lora" else None
-        causal_lm = unwrap_causal_lm(model)
-        saved_dtype = source_dtype(model_dir)
+        causal_lm = unwrap_causal_lm(run.model)
+        saved_dtype = source_dtype(run.model_dir)
         weights = {name: tensor.to(saved_dtype) for name, tensor in ckpt.hf_state_dict(state, lora_scaling=scaling).items()}
         causal_lm.config.dtype = saved_dtype
         rope = {"rope_parameters": causal_lm.config.rope_parameters,
                 "max_position_embeddings": causal_lm.config.max_position_embeddings}
-        ckpt.write_model_dir(dest, weights=weights, config=causal_lm.config, source_dir=model_dir,
-                             metadata=_metadata(config, schedule, model_dir, rope))
+        ckpt.write_model_dir(dest, weights=weights, config=causal_lm.config, source_dir=run.model_dir,
+                             metadata=_metadata(config, schedule, run.model_dir, rope))
     if runtime.distributed:
         import torch.distributed as dist
 
