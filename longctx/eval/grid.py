@@ -283,11 +283,16 @@ def run_grid(
     return summary
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write text to a temporary name beside path and rename it into place."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def write_summary(output: Path, summary: dict) -> None:
     """summary.json and heatmap.png, each written to a temporary name and renamed into place."""
-    temporary = output / (SUMMARY + ".tmp")
-    temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temporary, output / SUMMARY)
+    write_atomically(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
     scores = {(L, d): summary["per_cell"][f"{L}@{d:g}"] for L in summary["lengths"] for d in summary["depths"]}
     scores = {cell: value for cell, value in scores.items() if value is not None}
     temporary = output / ("heatmap.tmp.png")
