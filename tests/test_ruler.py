@@ -135,7 +135,11 @@ def test_vt_prompt_is_rulers_and_its_chain_leads_to_the_answer(tokenizer):
     # the in-context example is solved: its answer (5 names of 3 letters) follows its own answer prefix
     assert re.search(r"they are:  [A-Z]{3}( [A-Z]{3}){4}\n$", example)
     # follow the chain in the task's text: VAR A = value, VAR B = VAR A, ... gives exactly the expected names
-    assignments = dict(re.findall(r"^VAR ([A-Z]{5}) = (.+?)\s*$", task_text.split("\nQuestion:")[0], re.MULTILINE))
+    statements = re.findall(r"^VAR ([A-Z]{5}) = (.+?)\s*$", task_text.split("\nQuestion:")[0], re.MULTILINE)
+    # RULER's chain, in the text in its order: VAR A = value, VAR B = VAR A, VAR C = VAR B, ...
+    assert [source for _, source in statements] == [value] + [f"VAR {name}" for name, _ in statements[:-1]]
+    assert [name for name, _ in statements] == sample.expected
+    assignments = dict(statements)
     holders, changed = {name for name, source in assignments.items() if source == value}, True
     while changed:
         new = {name for name, source in assignments.items() if source.removeprefix("VAR ") in holders}
@@ -167,9 +171,14 @@ def test_fwe_prompt_is_rulers_and_its_frequent_words_are_the_answer(tokenizer):
     assert all(re.fullmatch(r"[a-z]{6}", word) for word in ranked[1:])
 
 
-@pytest.mark.parametrize("name, dataset", [("qa_1", "squad"), ("qa_2", "hotpotqa")])
-def test_qa_prompt_is_rulers_and_holds_its_gold_documents(tokenizer, qa_data, name, dataset):
-    generator, fitted, text = raw_prompt(tokenizer, name, index=1, qa_data=qa_data)
+@pytest.mark.parametrize("name, dataset, length", [
+    ("qa_1", "squad", 700),  # 2 documents: the gold one and one more of its article
+    ("qa_1", "squad", 800),  # 3: the gold one, its article's other one, one from elsewhere
+    ("qa_2", "hotpotqa", 900),  # 5: the question's 4 and one other
+    ("qa_1", "squad", LENGTH), ("qa_2", "hotpotqa", LENGTH),  # more than the fixture holds: repeated
+])
+def test_qa_prompt_is_rulers_and_holds_its_gold_documents(tokenizer, qa_data, name, dataset, length):
+    generator, fitted, text = raw_prompt(tokenizer, name, length=length, index=1, qa_data=qa_data)
     question = generator.question(1)
     assert text.startswith(QA_HEAD) and text.endswith(QA_TAIL.format(q=question["question"]))
     documents = re.findall(r"Document (\d+):\n(.*?)(?=\n\nDocument \d+:|\n\nAnswer the question)", text, re.DOTALL)
@@ -177,6 +186,12 @@ def test_qa_prompt_is_rulers_and_holds_its_gold_documents(tokenizer, qa_data, na
     shown = [document for _, document in documents]
     for gold in question["gold"]:
         assert qa_data[dataset].documents[gold] in shown
+    if fitted.size < len(qa_data[dataset].documents):
+        assert len(shown) == max(fitted.size, len(question["gold"])) and len(set(shown)) == len(shown)
+        if length == 700:
+            assert set(shown) == {qa_data[dataset].documents[i] for i in question["gold"] + question["more"]}
+    else:
+        assert set(shown) == set(qa_data[dataset].documents) and len(shown) == fitted.size
     assert fitted.sample.expected == question["answers"] and fitted.sample.metric == "part"
 
 
