@@ -123,7 +123,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     threshold = DEFAULT_SUITE_THRESHOLD if args.threshold is None else args.threshold
     plan = SuitePlan(lengths_from_args(args), tasks, args.samples, not args.no_prefix_reuse, args.chunk_size, threshold,
-                     args.qa_data)
+                     args.qa_data, args.device)
     settings = SuiteSettings(model=str(args.model), suite=args.suite, prompt=args.prompt, seed=args.seed,
                              qa_data=args.qa_data)
     summary = run_suite(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite,

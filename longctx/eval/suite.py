@@ -27,12 +27,11 @@ from longctx.errors import LongctxError
 from longctx.eval.engine import (
     DEFAULT_CHUNK,
     PrefixCache,
-    check_memory,
     evaluation_mode,
     greedy_answer,
     prefix_reuse_supported,
 )
-from longctx.eval.grid import HEATMAP, RESULTS, SUMMARY, append_result, prepare_output, write_atomically
+from longctx.eval.grid import HEATMAP, RESULTS, SUMMARY, append_result, load_for_run, start_results, write_atomically
 from longctx.eval.heatmap import plot_heatmap
 from longctx.eval.scoring import ruler_postprocess, ruler_score
 from longctx.tasks.haystacks import encode
@@ -77,6 +76,7 @@ class SuitePlan:
     chunk_size: int = DEFAULT_CHUNK
     threshold: float = DEFAULT_SUITE_THRESHOLD
     qa_data: str | None = None
+    device: str = "cpu"  # where the model runs (the scores do not depend on it)
     skipped: list[str] = field(init=False)
     cells: list[tuple[str, int, int]] = field(init=False)
 
@@ -198,23 +198,15 @@ def run_suite(
     """Run (or resume) the suite, writing each sample's result as it finishes; returns the summary."""
     from tqdm import tqdm
 
-    from longctx.models import check_output_free, load_model_and_tokenizer, resolve_model
-    from longctx.models.reference import reference_path
-
     output = Path(output)
     if settings.suite not in SUITES:
         raise LongctxError(f"unknown suite {settings.suite!r}: choose one of {', '.join(SUITES)}")
-    if resume and overwrite:
-        raise LongctxError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
-    check_output_free(output, overwrite or resume, inputs={
-        "the model": reference_path(settings.model), "the QA data": settings.qa_data})
     qa = {name: load_qa_data(settings.qa_data, RULER_TASKS[name].dataset) for name in plan.tasks if name in QA_TASKS}
-    model_dir = resolve_model(settings.model)
-    if output.exists() and not (resume or overwrite):
-        prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
-    model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle)
-    model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
-    check_memory(model, max(plan.lengths), chunk_size=plan.chunk_size, reuse=plan.prefix_reuse)
+    model_dir, model, tokenizer, model_name = load_for_run(
+        settings, output, {"the QA data": settings.qa_data}, lengths=plan.lengths, chunk_size=plan.chunk_size,
+        reuse=plan.prefix_reuse, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle,
+        device=plan.device,
+    )
     style = detect_style(tokenizer, settings.prompt)
     for name in plan.tasks:  # refuse a length too short for a task before writing anything
         fit_prompt(tokenizer, make_generator(tokenizer, name, length=min(plan.lengths), qa_data=qa.get(name)), 0, style)
@@ -225,11 +217,7 @@ def run_suite(
     if plan.skipped:
         log.warning("QA skipped (%s): no --qa-data", ", ".join(plan.skipped))
 
-    rows = prepare_output(output, settings, resume=resume, overwrite=overwrite)
-    done = {cell_key(row) for row in rows}
-    todo = [cell for cell in plan.cells if cell not in done]
-    if done:
-        log.info("resuming: %d of %d samples already done", len(plan.cells) - len(todo), len(plan.cells))
+    rows, todo = start_results(output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="ruler", unit="sample", disable=not progress or not todo)
     for length in plan.lengths:
