@@ -400,8 +400,8 @@ def test_suite_refusals(tiny_llama, tmp_path, capsys):
 @pytest.mark.parametrize("broken", [False, True])
 def test_a_model_that_answers_right_scores_100_and_one_that_does_not_scores_less(tiny_llama, tmp_path, monkeypatch,
                                                                                broken):
-    """The answer oracle of test_needle makes the model say each prompt's right answer (its draft,
-    or RULER's answer in another form, below); broken, it says the answer of the next sample. Every
+    """The answer oracle of test_needle makes the model say each prompt's right answer (not the
+    draft: another form of it, below); broken, it says the answer of the other sample. Every
     task is answered through the real suite: prompt fitting, the reused prefix, the engine, the scoring."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -415,8 +415,9 @@ def test_a_model_that_answers_right_scores_100_and_one_that_does_not_scores_less
         fitted = [fit_prompt(tokenizer, generator, i, "raw") for i in range(2)]
         for i, prompt in enumerate(fitted):
             said = fitted[1 - i].sample if broken else prompt.sample
-            # not the draft itself: the values in reverse order, space-separated (vt: 30 bytes fit its 5 names)
-            text = " ".join(reversed(said.expected))
+            # not the draft itself: the values in reverse order, one per line (RULER reads every line;
+            # vt's 5 names fit its 30 bytes)
+            text = "\n".join(reversed(said.expected))
             prompts.append(prompt.ids)
             answers.append(encode(tokenizer, text))
     oracle = AnswerOracle(model, tokenizer.eos_token_id, prompts, answers)

@@ -306,6 +306,10 @@ class VariableTrackingGenerator(Generator):
 
     unit = "noise blocks"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._examples: dict[int, str] = {}
+
     def render(self, index: int, size: int) -> RulerSample:
         rng = self.rng(index)
         names, value, chain = self._chain(rng, 5)
@@ -345,9 +349,6 @@ class VariableTrackingGenerator(Generator):
             self._examples[index] = best
         return self._examples[index]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._examples: dict[int, str] = {}
 
 
 class CommonWordsGenerator(Generator):
