@@ -350,7 +350,6 @@ class VariableTrackingGenerator(Generator):
         return self._examples[index]
 
 
-
 class CommonWordsGenerator(Generator):
     """cwe: a numbered list in which 10 words appear 30 times (6 below 4K) and the others 3 (1);
     the question asks for the 10 most common. One solved example comes first, as in RULER."""
