@@ -397,11 +397,11 @@ def test_suite_refusals(tiny_llama, tmp_path, capsys):
     assert "apply to --suite ruler" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("broken", [False, True])
+@pytest.mark.parametrize("answers", ["right", "one value", "another sample's"])
 def test_a_model_that_answers_right_scores_100_and_one_that_does_not_scores_less(tiny_llama, tmp_path, monkeypatch,
-                                                                               broken):
+                                                                               answers):
     """The answer oracle of test_needle makes the model say each prompt's right answer (not the
-    draft: another form of it, below); broken, it says the answer of the other sample. Every
+    draft: another form of it, below), only its last expected value, or the other sample's answer. Every
     task is answered through the real suite: prompt fitting, the reused prefix, the engine, the scoring."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -414,10 +414,10 @@ def test_a_model_that_answers_right_scores_100_and_one_that_does_not_scores_less
         generator = make_generator(tokenizer, name, length=LENGTH, qa_data=qa.get(task.dataset))
         fitted = [fit_prompt(tokenizer, generator, i, "raw") for i in range(2)]
         for i, prompt in enumerate(fitted):
-            said = fitted[1 - i].sample if broken else prompt.sample
+            said = fitted[1 - i].sample if answers == "another sample's" else prompt.sample
             # not the draft itself: the values in reverse order, one per line (RULER reads every line;
             # vt's 5 names fit its 30 bytes)
-            text = "\n".join(reversed(said.expected))
+            text = "\n".join(reversed(said.expected[-1:] if answers == "one value" else said.expected))
             prompts.append(prompt.ids)
             answers.append(encode(tokenizer, text))
     oracle = AnswerOracle(model, tokenizer.eos_token_id, prompts, answers)
@@ -429,8 +429,11 @@ def test_a_model_that_answers_right_scores_100_and_one_that_does_not_scores_less
         oracle.handle.remove()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     scores = [summary["scores"][name][str(LENGTH)] for name in RULER_TASKS]
-    if broken:
+    if answers == "another sample's":
         assert all(score < 100 for score in scores) and summary["effective_length"] == 0
+    elif answers == "one value":  # string_match_all: the fraction of the expected values said; QA's _part: any
+        one = {"niah_multivalue": 25.0, "niah_multiquery": 25.0, "vt": 20.0, "cwe": 10.0, "fwe": 33.33}
+        assert dict(zip(RULER_TASKS, scores)) == {name: one.get(name, 100.0) for name in RULER_TASKS}
     else:
         assert dict(zip(RULER_TASKS, scores)) == dict.fromkeys(RULER_TASKS, 100.0)
         assert summary["average"][str(LENGTH)] == 100.0
