@@ -209,7 +209,8 @@ def run_suite(
     )
     style = detect_style(tokenizer, settings.prompt)
     for name in plan.tasks:  # refuse a length too short for a task before writing anything
-        fit_prompt(tokenizer, make_generator(tokenizer, name, length=min(plan.lengths), qa_data=qa.get(name)), 0, style)
+        shortest = make_generator(tokenizer, name, length=min(plan.lengths), seed=settings.seed, qa_data=qa.get(name))
+        fit_prompt(tokenizer, shortest, 0, style)
     static_rope = prefix_reuse_supported(model.config)
     reuse = plan.prefix_reuse and static_rope
     if plan.prefix_reuse and not reuse:
