@@ -339,7 +339,9 @@ class AnswerOracle:
     """A forward hook that makes a model answer known prompts: at each position of prompt i it
     predicts the next token of prompts[i] + continuations[i] (EOS after it), and EOS in any prompt
     it does not know. The model still runs (its cache and chunking are the real ones); only the
-    logits it returns are replaced. It tells prompts apart by their tokens, as it sees them."""
+    logits it returns are replaced. It tells prompts apart by their tokens, as it sees them; a pass
+    that starts at or after the end of the current prompt is one of its decode steps (prompts may
+    differ in length)."""
 
     def __init__(self, model, eos: int, prompts: list[list[int]], continuations: list[list[int]]):
         self.eos, self.prompts = eos, prompts
@@ -351,9 +353,9 @@ class AnswerOracle:
         ids = kwargs["input_ids"][0].tolist()
         end = kwargs["past_key_values"].get_seq_length()
         start = end - len(ids)
-        if start < max(len(prompt) for prompt in self.prompts):  # this chunk holds prompt tokens: whose?
+        if self.current is None or start < len(self.prompts[self.current]):  # prompt tokens: whose?
             self.current = next((i for i, prompt in enumerate(self.prompts)
-                                 if prompt[start:end] == ids[: len(prompt) - start]), None)
+                                 if start < len(prompt) and prompt[start:end] == ids[: len(prompt) - start]), None)
         logits = torch.full_like(output.logits, -1e4)
         for row, position in enumerate(range(end - logits.shape[1], end)):
             sequence = self.sequences[self.current] if self.current is not None else []

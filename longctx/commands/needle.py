@@ -28,6 +28,8 @@ examples:
   # RULER's multi-key variant with uuid values, scored teacher-forced (one forward pass)
   longctx needle --task multikey --value-type uuids --scoring teacher-forced \\
       --lengths 2k,4k --depths 0,25,50,75,100 --output out/ruler-mk
+  # RULER's 13 tasks at four lengths, its table and effective length (QA from local SQuAD/HotpotQA files)
+  longctx needle --suite ruler --lengths 4k,8k,16k,32k --samples 5 --qa-data data/ruler --output out/ruler
   # your own needle in your own documents; resume after an interruption
   longctx needle --task needle --haystack dir:docs/ --needle "The code word is lilac." \\
       --question "What is the code word?" --answer-prefix "The code word is" --answer "lilac" \\
@@ -72,32 +74,74 @@ def register(subparsers) -> None:
     run.add_argument("--chunk-size", type=token_count, default=2048, metavar="T", help="prefill chunk, bounds activation memory (default: %(default)s)")
     run.add_argument("--device", default="auto", metavar="cpu|cuda|auto",
                      help="where the model runs; auto = cuda when available (default: %(default)s)")
-    run.add_argument("--threshold", type=float, default=0.85, help="score defining the effective length (default: %(default)s)")
+    run.add_argument("--threshold", type=float, metavar="F",
+                     help="score (0-1) defining the effective length (default: 0.85; 0.856 with --suite ruler, RULER's 85.6)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished samples")
+    suite = parser.add_argument_group("suite (instead of a grid)")
+    suite.add_argument("--suite", choices=("ruler",), help="RULER's tasks x --lengths x --samples, its table and effective length")
+    suite.add_argument("--tasks", metavar="T,T,...", help="RULER tasks to run (default: all 13; the 11 without QA data)")
+    suite.add_argument("--qa-data", metavar="DIR", help="directory with squad.json and hotpotqa.json for qa_1, qa_2")
     add_output_arguments(parser)
     add_allow_pickle_argument(parser)
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=run_command, grid_defaults={flag: parser.get_default(flag) for flag in GRID_ONLY})
 
 
-def grid_from_args(args: argparse.Namespace):
+GRID_ONLY = ("depths", "num_depths", "depth_spacing", "task", "value_type", "haystack", "needle", "question",
+             "answer_prefix", "answer", "scoring")
+
+
+def lengths_from_args(args: argparse.Namespace) -> list[int]:
     from longctx.errors import LongctxError
-    from longctx.eval.grid import GridPlan, grid_depths, linear_lengths
+    from longctx.eval.grid import linear_lengths
 
     if args.lengths and (args.min_len or args.max_len):
         raise LongctxError("give --lengths or --min-len/--max-len, not both")
     if args.lengths:
-        lengths = args.lengths
-    elif args.min_len and args.max_len:
-        lengths = linear_lengths(args.min_len, args.max_len, args.num_lengths)
-    else:
-        raise LongctxError("no lengths: pass --lengths 1k,2k,4k or --min-len 1k --max-len 8k [--num-lengths N]")
+        return args.lengths
+    if args.min_len and args.max_len:
+        return linear_lengths(args.min_len, args.max_len, args.num_lengths)
+    raise LongctxError("no lengths: pass --lengths 1k,2k,4k or --min-len 1k --max-len 8k [--num-lengths N]")
+
+
+def grid_from_args(args: argparse.Namespace):
+    from longctx.eval.grid import DEFAULT_THRESHOLD, GridPlan, grid_depths
+
+    lengths = lengths_from_args(args)
     depths = args.depths if args.depths is not None else grid_depths(args.num_depths, args.depth_spacing)
-    return GridPlan(lengths, depths, args.samples, not args.no_prefix_reuse, args.chunk_size, args.threshold, args.device)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    return GridPlan(lengths, depths, args.samples, not args.no_prefix_reuse, args.chunk_size, threshold,
+                    args.device)
+
+
+def run_suite_command(args: argparse.Namespace) -> int:
+    from longctx.errors import LongctxError
+    from longctx.eval.suite import DEFAULT_SUITE_THRESHOLD, SuitePlan, SuiteSettings, format_suite_table, run_suite
+
+    given = [flag for flag, default in args.grid_defaults.items() if getattr(args, flag) != default]
+    if given:
+        raise LongctxError(f"--{given[0].replace('_', '-')} applies to a grid, not to --suite; drop it")
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    threshold = DEFAULT_SUITE_THRESHOLD if args.threshold is None else args.threshold
+    plan = SuitePlan(lengths_from_args(args), tasks, args.samples, not args.no_prefix_reuse, args.chunk_size, threshold,
+                     args.qa_data, args.device)
+    settings = SuiteSettings(model=str(args.model), suite=args.suite, prompt=args.prompt, seed=args.seed,
+                             qa_data=args.qa_data)
+    summary = run_suite(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite,
+                        allow_pickle=args.allow_pickle)
+    print(format_suite_table(summary))
+    print(f"{summary['samples_done']} samples; results in {args.output}")
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
     from longctx.eval.grid import NeedleSettings, format_table, run_grid
 
+    if args.suite:
+        return run_suite_command(args)
+    if args.tasks or args.qa_data:
+        from longctx.errors import LongctxError
+
+        raise LongctxError("--tasks and --qa-data apply to --suite ruler; add --suite ruler or drop them")
     plan = grid_from_args(args)
     settings = NeedleSettings(
         model=str(args.model), task=args.task, value_type=args.value_type, haystack=args.haystack,

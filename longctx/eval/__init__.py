@@ -5,6 +5,7 @@
 - `attention.py`: `longctx_cached`, attention on top of a KV cache without a mask (CPU sdpa models);
 - `runner.py`: one (length, depth, sample) cell scored (`Evaluator`), and `passkey_accuracy`;
 - `scoring.py`: the answer-scoring rules; `grid.py`: a resumable lengths x depths run and its files;
+- `suite.py`: RULER's suite (tasks x lengths x samples), its table and effective length;
 - `heatmap.py`: the depth x length figure; `perplexity.py`: perplexity by context length.
 The prompts, haystacks and tasks it evaluates live in longctx/tasks/ (training builds the same ones).
 

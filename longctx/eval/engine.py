@@ -188,6 +188,15 @@ class PrefixCache:
             self.length = shared
         return cropped_copy(self.cache, shared, capacity), shared
 
+    def shared_with(self, ids: list[int]) -> int:
+        """How many leading tokens of ids agree with the clean tokens (the longest common prefix), less
+        one so that the prompt's last token still runs and gives the next token's logits."""
+        limit = min(len(ids) - 1, len(self.clean_tokens))
+        shared = 0
+        while shared < limit and ids[shared] == self.clean_tokens[shared]:
+            shared += 1
+        return shared
+
 
 @dataclass
 class Answer:
@@ -199,11 +208,12 @@ class Answer:
 @torch.no_grad()
 def greedy_answer(
     model, tokenizer, prefix: PrefixCache, ids: list[int], shared: int, max_new_tokens: int,
-    settled: Callable[[str], bool] | None = None, draft: list[int] = (),
+    settled: Callable[[str], bool] | None = None, draft: list[int] = (), first_line: bool = True,
 ) -> Answer:
-    """Greedy continuation of the prompt, stopping at end of sequence, at the end of the first line,
-    or as soon as `settled(text)` says more tokens cannot change the score. On CPU a decode step
-    reads every weight, so the steps saved matter as much as a few hundred prompt tokens each.
+    """Greedy continuation of the prompt, stopping at end of sequence, at the end of the first line
+    (unless first_line=False: then the whole continuation is the answer, as RULER reads it), or as
+    soon as `settled(text)` says more tokens cannot change the score. On CPU a decode step reads
+    every weight, so the steps saved matter as much as a few hundred prompt tokens each.
 
     `draft` (the expected answer's tokens) is verified in the prompt's own forward pass, as in
     assisted generation: the greedy tokens are read off that pass for as long as they agree with
@@ -220,10 +230,10 @@ def greedy_answer(
             break
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        if "\n" in text.lstrip() or (settled is not None and settled(text.lstrip())):
+        if (first_line and "\n" in text.lstrip()) or (settled is not None and settled(text.lstrip())):
             break
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    return Answer(text.lstrip().split("\n")[0].strip(), None, len(ids) - position)
+    text = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    return Answer(text.split("\n")[0].strip() if first_line else text, None, len(ids) - position)
 
 
 def _greedy_tokens(model, cache, logits: torch.Tensor, draft: list[int], prompt_length: int) -> Iterator[int]:

@@ -139,6 +139,16 @@ def prepare_output(output: Path, settings: NeedleSettings, *, resume: bool, over
     return []
 
 
+def start_results(output: Path, settings, cells: list, key, *, resume: bool, overwrite: bool) -> tuple[list[dict], list]:
+    """Open the output (prepare_output) and return the rows already done and the cells still to run."""
+    rows = prepare_output(output, settings, resume=resume, overwrite=overwrite)
+    done = {key(row) for row in rows}
+    todo = [cell for cell in cells if cell not in done]
+    if done:
+        log.info("resuming: %d of %d samples already done", len(cells) - len(todo), len(cells))
+    return rows, todo
+
+
 def read_results(path: Path) -> list[dict]:
     """Rows of results.jsonl; a last line cut short by an interruption is dropped."""
     if not path.is_file():
@@ -234,25 +244,15 @@ def run_grid(
     from tqdm import tqdm
 
     from longctx.eval.runner import Evaluator
-    from longctx.models import load_model_and_tokenizer, resolve_device, resolve_model
-
-    from longctx.models import check_output_free
-    from longctx.models.reference import reference_path
     from longctx.tasks.haystacks import haystack_path
 
     output = Path(output)
-    if resume and overwrite:
-        raise LongctxError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
     task = settings.make_task()  # validate before touching the output or loading the model
-    check_output_free(output, overwrite or resume, inputs={
-        "the model": reference_path(settings.model), "the haystack": haystack_path(settings.haystack)})
-    model_dir = resolve_model(settings.model)
-    device = resolve_device(plan.device)
-    if output.exists() and not (resume or overwrite):
-        prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
-    model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle, device=device)
-    model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
-    check_memory(model, max(plan.lengths), chunk_size=plan.chunk_size, reuse=plan.prefix_reuse)
+    model_dir, model, tokenizer, model_name = load_for_run(
+        settings, output, {"the haystack": haystack_path(settings.haystack)}, lengths=plan.lengths,
+        chunk_size=plan.chunk_size, reuse=plan.prefix_reuse, resume=resume, overwrite=overwrite,
+        allow_pickle=allow_pickle, device=plan.device,
+    )
     evaluator = Evaluator(
         model, tokenizer, task, max_length=max(plan.lengths), haystack=settings.haystack,
         prompt_style=settings.prompt, scoring=settings.scoring, prefix_reuse=plan.prefix_reuse,
@@ -260,11 +260,7 @@ def run_grid(
     )
     evaluator.builder.build(task.sample(random.Random(0)), min(plan.lengths), 0.0)  # refuses a too-short length
 
-    done_rows = prepare_output(output, settings, resume=resume, overwrite=overwrite)
-    done = {cell_key(row) for row in done_rows}
-    todo = [cell for cell in plan.cells if cell not in done]
-    if done:
-        log.info("resuming: %d of %d samples already done", len(plan.cells) - len(todo), len(plan.cells))
+    done_rows, todo = start_results(output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     results_path = output / RESULTS
     bar = tqdm(todo, desc="needle", unit="sample", disable=not progress or not todo)
@@ -283,11 +279,39 @@ def run_grid(
     return summary
 
 
+def load_for_run(
+    settings, output: Path, inputs: dict, *, lengths: list[int], chunk_size: int, reuse: bool, resume: bool,
+    overwrite: bool, allow_pickle: bool, device: str = "cpu",
+):
+    """What a grid or suite run checks before any work, then its model: not both --resume and
+    --overwrite; an output that is free of the model and `inputs` and exists only with --resume or
+    --overwrite; memory for the longest length. Returns (model_dir, model, tokenizer, model_name)."""
+    from longctx.models import check_output_free, load_model_and_tokenizer, resolve_device, resolve_model
+    from longctx.models.reference import reference_path
+
+    if resume and overwrite:
+        raise LongctxError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
+    check_output_free(output, overwrite or resume, inputs={"the model": reference_path(settings.model), **inputs})
+    model_dir = resolve_model(settings.model)
+    device = resolve_device(device)
+    if output.exists() and not (resume or overwrite):
+        prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
+    model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle, device=device)
+    model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
+    check_memory(model, max(lengths), chunk_size=chunk_size, reuse=reuse)
+    return model_dir, model, tokenizer, model_name
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write text to a temporary name beside path and rename it into place."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def write_summary(output: Path, summary: dict) -> None:
     """summary.json and heatmap.png, each written to a temporary name and renamed into place."""
-    temporary = output / (SUMMARY + ".tmp")
-    temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temporary, output / SUMMARY)
+    write_atomically(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
     scores = {(L, d): summary["per_cell"][f"{L}@{d:g}"] for L in summary["lengths"] for d in summary["depths"]}
     scores = {cell: value for cell, value in scores.items() if value is not None}
     temporary = output / ("heatmap.tmp.png")

@@ -11,9 +11,12 @@ COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]
 
 
 def plot_heatmap(
-    scores: dict[tuple[int, float], float], path: str | Path, *, title: str, lengths: list[int], depths: list[float]
+    scores: dict[tuple[int, float], float], path: str | Path, *, title: str, lengths: list[int], depths: list[float],
+    row_labels: list[str] | None = None, ylabel: str = "Needle depth (%)", percent: bool = False,
 ) -> Path:
-    """Write a PNG of the mean score of each (length, depth) cell; missing cells are left blank."""
+    """Write a PNG of the mean score of each (length, depth) cell; missing cells are left blank.
+    Rows are depths, or anything else named by `row_labels` (RULER's tasks); `percent` writes the
+    scores (still 0-1) in each cell as points out of 100."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,11 +37,13 @@ def plot_heatmap(
     for row in range(len(depths)):
         for column in range(len(lengths)):
             if not np.isnan(grid[row, column]):
-                axes.text(column, row, f"{grid[row, column]:.2f}", ha="center", va="center", fontsize=9, color="black")
+                value = grid[row, column]
+                text = f"{100 * value:.1f}" if percent else f"{value:.2f}"
+                axes.text(column, row, text, ha="center", va="center", fontsize=9, color="black")
     axes.set_xticks(range(len(lengths)), [length_label(length) for length in lengths])
-    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+    axes.set_yticks(range(len(depths)), row_labels or [f"{depth:g}" for depth in depths])
     axes.set_xlabel("Context length (tokens)")
-    axes.set_ylabel("Needle depth (%)")
+    axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axes, label="Score", fraction=0.046, pad=0.04)
     figure.tight_layout()

@@ -2,6 +2,7 @@
 
 - `first_integer`: the passkey test's exact match of the first integer in the answer;
 - `all_values`: RULER's string_match_all, the fraction of expected values found (case-insensitive);
+  its string_match_part (any expected value found) scores RULER's QA tasks (eval/suite.py);
 - `keywords`: the fraction of the needle's content words (not stopwords, not in the question) said.
 """
 
@@ -25,6 +26,25 @@ def string_match_all(answer: str, expected: list[str]) -> float:
     """RULER's string_match_all: the fraction of expected strings found in the answer, ignoring case."""
     answer = answer.lower()
     return sum(value.lower() in answer for value in expected) / len(expected)
+
+
+def string_match_part(answer: str, expected: list[str]) -> float:
+    """RULER's string_match_part (its QA metric): 1 when any expected string is in the answer, ignoring case."""
+    answer = answer.lower()
+    return float(any(value.lower() in answer for value in expected))
+
+
+RULER_METRICS = {"all": string_match_all, "part": string_match_part}
+
+
+def ruler_score(metric: str, answer: str, expected: list[str]) -> float:
+    """A RULER task's score of one answer in [0, 1] (RULER reports the mean x 100)."""
+    return RULER_METRICS[metric](answer, expected)
+
+
+def ruler_postprocess(text: str) -> str:
+    """RULER's postprocess_pred: strip, control characters to newlines, strip."""
+    return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
 
 
 def keyword_recall(answer: str, needle: str, question: str) -> float:
