@@ -12,6 +12,16 @@ from pathlib import Path
 GNU_TIME = "/usr/bin/time"
 
 
+def cpu_seconds(work, repeat: int) -> float:
+    """The smallest CPU time of this process over `repeat` calls of work()."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        work()
+        best = min(best, time.process_time() - started)
+    return best
+
+
 def run_measured(command: list[str], log_path: Path | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes) of one command run in its own process.
 

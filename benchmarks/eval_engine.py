@@ -15,19 +15,9 @@ Default model, float32, one torch thread, CPU time of this process (steady on a 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
-
-def cpu_seconds(work, repeat: int) -> float:
-    """The smallest CPU time of `repeat` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.process_time()
-        work()
-        best = min(best, time.process_time() - started)
-    return best
+from common import cpu_seconds
 
 
 def main() -> None:

@@ -17,18 +17,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
-
-
-def cpu_seconds(work, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.process_time()
-        work()
-        best = min(best, time.process_time() - started)
-    return best
+from common import cpu_seconds
 
 
 def main() -> None:
