@@ -132,7 +132,8 @@ def one_training_step(model_dir, batch, sequence_parallel):
     """longctx's own step (load_model, CausalLMLoss, FSDP2 and ring attention under sequence parallelism,
     train_step) with SGD at learning rate 1: returns (loss, the parameter update) on rank 0."""
     from longctx.train import checkpoint as ckpt
-    from longctx.train.loop import load_model, setup_runtime, shard_module, train_step
+    from longctx.train.distributed import setup_runtime, shard_module
+    from longctx.train.loop import load_model, train_step
     from longctx.train.loss import CausalLMLoss
 
     runtime = setup_runtime(sequence_parallel)
