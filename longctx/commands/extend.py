@@ -32,7 +32,8 @@ on small models pass --attention-factor 1 to keep short prompts intact.
 dynamic follows transformers' convention: max_position_embeddings stays the original
 length and the base grows with the sequence at inference time.
 
-Without training: --method self-extend keeps the rope and asks for grouped-position
+Without training, use --method ntk --self-extend: of the training-free methods it measured
+best on the default model (benchmarks/RESULTS.md, docs/rope.md). --method self-extend keeps the rope and asks for grouped-position
 attention (Self-Extend: exact positions inside a --window of neighbours, positions divided
 by --group-size beyond it); --self-extend adds the same on top of a static rope method. G
 and W default to Self-Extend's rule, (native - W) * G + W >= --target-len with W = native / 8,
