@@ -463,3 +463,21 @@ def test_default_model_three_adapters_equal_peft(default_model_dir, tmp_path):
     assert_same_weights(ours, reference)
     prompt = "The capital of France is"
     assert greedy_text(ours, default_model_dir, prompt, 12) == greedy_text(reference, default_model_dir, prompt, 12)
+
+
+def test_a_merge_that_lengthens_the_context_tells_the_tokenizer(tmp_path):
+    """On main the merged model kept the base tokenizer's model_max_length while its config said the
+    context is longer: tokenizer(text, truncation=True) cut at the old length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from longctx.lora.extract import extract_lora
+    from longctx.models.extend import extend_model
+
+    base = make_tiny_llama(tmp_path / "base")
+    tuned = make_tiny_llama(tmp_path / "tuned", seed=1)
+    extended = extend_model(tuned, tmp_path / "tuned-1k", 1024, "linear").output
+    extract_lora(base, extended, tmp_path / "long-lora", rank=2, show_progress=False, workers=1)
+    merged = merge_adapters(base, [tmp_path / "long-lora"], tmp_path / "merged", progress=False).output_dir
+    assert AutoConfig.from_pretrained(merged).max_position_embeddings == 1024
+    assert AutoTokenizer.from_pretrained(merged).model_max_length == 1024
+    assert AutoTokenizer.from_pretrained(base).model_max_length == 256

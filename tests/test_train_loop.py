@@ -132,6 +132,18 @@ def test_train_after_extend_trains_the_extended_model(tmp_path, tiny_llama, corp
         train_after_extend(tiny_llama, config)
 
 
+def test_a_longer_context_reaches_the_tokenizer(tmp_path, tiny_llama, corpus):
+    """On main the trained model kept the source tokenizer's model_max_length (256) while its config
+    said 512: tokenizer(text, truncation=True) cut at the old length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    output = train_from_config(write_config(tmp_path, tiny_llama, corpus, stages=STAGES[1:2]), progress=False)
+    assert AutoConfig.from_pretrained(output).max_position_embeddings == 512
+    assert AutoTokenizer.from_pretrained(output).model_max_length == 512
+    assert AutoTokenizer.from_pretrained(tmp_path / "out-checkpoints" / "stage-1-512").model_max_length == 512
+    assert AutoTokenizer.from_pretrained(tiny_llama).model_max_length == 256  # the source is untouched
+
+
 def test_rng_states_round_trip_through_json():
     import random
 

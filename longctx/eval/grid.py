@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from longctx.errors import LongctxError
 from longctx.eval.engine import DEFAULT_CHUNK, check_memory
 from longctx.eval.heatmap import plot_heatmap
+from longctx.models.output import atomic_output_dir
 from longctx.tasks.retrieval import Task
 from longctx.units import length_label
 
@@ -130,12 +130,10 @@ def prepare_output(output: Path, settings: NeedleSettings, *, resume: bool, over
             temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
             os.replace(temporary, output / RESULTS)
         return rows
-    if output.exists():
-        if not overwrite:
-            raise LongctxError(f"output {output} already exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    (output / SETTINGS).write_text(json.dumps(wanted, indent=2) + "\n")
+    if output.exists() and not overwrite:
+        raise LongctxError(f"output {output} already exists; pass --resume to continue it or --overwrite to replace it")
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:  # a run killed here leaves no half-begun output
+        (tmp / SETTINGS).write_text(json.dumps(wanted, indent=2) + "\n")
     return []
 
 
