@@ -78,6 +78,7 @@ def world(tmp_path_factory):
                parallel={"sequence_parallel": 2})
     write_yaml(configs / "ckpt-over-model.yaml", model=str(model), output=str(root / "trained"), data=files,
                checkpoint_dir=str(models))
+    write_yaml(configs / "same-output.yaml", model=str(model), output=str(root / "out" / "x"), data=files)
     write_yaml(configs / "exists.yaml", model=str(model), output=str(root / "out" / "existing"), data=files)
     (configs / "broken.yaml").write_text("stages: [seq_len: 64\n")
     (root / "a-file").write_text("not a directory")
@@ -130,6 +131,9 @@ CASES = [
     # main: wrote the extended model, then refused the existing training output
     ("extend-train-output-exists", ["extend", "--model", M, "--target-len", "1k", "--output", "out/x",
                                     "--train", "configs/exists.yaml"], "already exists"),
+    # main: wrote the extended model, then refused to train into it
+    ("extend-train-into-extended", ["extend", "--model", M, "--target-len", "1k", "--output", "out/x",
+                                    "--train", "configs/same-output.yaml"], "is the extended model"),
     # --- extract-lora
     # main: --overwrite replaced BASE with the adapter
     ("extract-output-is-base", ["extract-lora", M, "models/tuned", "--output", M, "--overwrite"], "is BASE"),
@@ -313,6 +317,22 @@ def test_a_full_disk_during_the_write_is_one_line_and_leaves_nothing(world, tmp_
     err = capsys.readouterr().err
     assert status == 2 and "No space left on device" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_needle_appends_is_one_line(world, tmp_path, monkeypatch, capsys):
+    """needle appends its results in place (resumable): a full disk there is one line too, not a traceback."""
+    import errno
+
+    import longctx.eval.grid as grid
+
+    def full(path, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(grid, "append_result", full)
+    status = main(["needle", "--model", str(world / M), "--lengths", "300", "--depths", "50", "--scoring",
+                   "teacher-forced", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "No space left on device" in err and "--resume" in err and "Traceback" not in err
 
 
 def test_resumed_training_whose_steps_changed_is_refused(world, tmp_path, capsys):

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from longctx.errors import LongctxError
+from longctx.models.output import DISK_ERRNOS
 
 
 def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
@@ -25,6 +26,13 @@ def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         result = args.func(args)
     except LongctxError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"{parser.prog}: error: {error.strerror or error}{where}; free some space or write elsewhere, then "
+              "rerun (with --resume where the command has it)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

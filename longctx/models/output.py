@@ -54,7 +54,7 @@ def check_output_free(
     """Decide, before any work, whether dest may be written; raise LongctxError if not.
 
     dest must not be, contain or lie inside any of `inputs` (a label such as "the model" -> a
-    path; paths that do not exist, such as hub ids, are skipped): --overwrite would delete what
+    path; None, such as for a hub id, is skipped): --overwrite would delete what
     the command is about to read, and an output inside an input changes it. dest must not exist
     unless overwrite (and then must be a directory); its nearest existing ancestor must be a
     writable directory with expected_bytes free, where known. Temporary directories that a
@@ -74,9 +74,8 @@ def check_output_free(
 
 
 def check_no_overlap(dest: Path, source: Path, label: str) -> None:
-    """Refuse an output that is, contains or lies inside an input (symlinks resolved)."""
-    if not source.exists():
-        return
+    """Refuse an output that is, contains or lies inside an input (symlinks resolved; an input
+    still to be written, such as the model `extend --train` trains, counts too)."""
     out, inp = Path(os.path.realpath(dest)), Path(os.path.realpath(source))
     if out == inp:
         how = "is"
@@ -148,8 +147,11 @@ def remove_stale_temporaries(dest: str | Path) -> list[Path]:
     return removed
 
 
-# errors of a write that are the user's environment, not a bug: reported in one line
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG}
+# errors of a write that are the user's environment, not a bug: reported in one line. The disk's
+# own (full, over quota, read-only) are reported so wherever they arise (commands/_run.py): needle's
+# results and train's metrics are appended in place, outside atomic_output_dir.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+WRITE_ERRNOS = DISK_ERRNOS | {errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 def output_error(dest: Path, error: OSError) -> LongctxError:
