@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -147,6 +148,29 @@ def check_atomic_command(tmp_path, models, caplog, monkeypatch, argv_for, points
 def test_extend_killed_anywhere_leaves_nothing_and_reruns(tmp_path, models, caplog, monkeypatch):
     argv = lambda out: ["extend", "--model", str(models / "base"), "--target-len", "1k", "--output", str(out)]  # noqa: E731
     check_atomic_command(tmp_path, models, caplog, monkeypatch, argv, [RENAME], inputs=[models / "base"])
+
+
+def test_overwrite_killed_at_any_rename_keeps_an_output(tmp_path, models, monkeypatch):
+    """--overwrite over an existing output, killed at each rename: the output is always there, the old
+    one or the new one, complete (on main a kill between its two renames left none)."""
+    output = tmp_path / "extended"
+
+    def argv(target_len):
+        return ["extend", "--model", str(models / "base"), "--target-len", target_len, "--output", str(output),
+                "--overwrite"]
+
+    assert main(argv("1k")) == 0
+    old = tree_hashes(output)
+    assert main(argv("2k")) == 0
+    new = tree_hashes(output)
+    calls = RENAME.count_calls(monkeypatch)
+    assert main(argv("1k")) == 0
+    monkeypatch.undo()
+    for k in range(1, calls[0] + 1):
+        shutil.rmtree(output)
+        assert main(argv("2k")) == 0  # the output to replace: the 2k one
+        run_killed(argv("1k"), RENAME, k)
+        assert output.is_dir() and tree_hashes(output) in (old, new), f"rename #{k}: no complete output"
 
 
 def test_extract_lora_killed_mid_shard_or_rename(tmp_path, models, caplog, monkeypatch):

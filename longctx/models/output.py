@@ -12,6 +12,7 @@ longctx.models.writer. Nothing here imports torch, so `longctx --help` stays fas
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import json
@@ -160,6 +161,22 @@ def output_error(dest: Path, error: OSError) -> LongctxError:
                         "permissions or choose another path")
 
 
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE), so that replacing an output
+    never leaves a moment without one; False where the system or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dest: str | Path, *, overwrite: bool = False, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes `dest` when the block succeeds.
@@ -178,7 +195,9 @@ def atomic_output_dir(dest: str | Path, *, overwrite: bool = False, expected_byt
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         yield tmp
-        if dest.exists():
+        if dest.exists() and exchange_paths(tmp, dest):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old output
+        elif dest.exists():  # no atomic exchange here: a kill between the two renames leaves dest missing
             retired = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest, "old"), dir=dest.parent))
             os.replace(dest, retired / dest.name)
             os.replace(tmp, dest)
