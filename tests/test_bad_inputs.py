@@ -301,6 +301,24 @@ def test_disk_without_room_for_the_merge_is_refused_before_writing(world, tmp_pa
     assert not list(tmp_path.iterdir()) and snapshot(world) == before
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
+                    reason="needs a second filesystem")
+def test_extend_onto_another_filesystem_checks_room_for_the_copied_shards(world, monkeypatch, capsys):
+    """Hard links cost no room; copies onto another filesystem do, and are checked before writing."""
+    import tempfile
+
+    import longctx.models.output as output
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        free = shutil.disk_usage(other)
+        monkeypatch.setattr(output.shutil, "disk_usage", lambda path: free._replace(free=10_000))
+        status = main(["extend", "--model", str(world / M), "--target-len", "1k", "--output", f"{other}/long"])
+        assert status == 2 and "needs about" in capsys.readouterr().err and not os.listdir(other)
+        # on the model's own filesystem the same free space is enough: the shards are linked
+        assert main(["extend", "--model", str(world / M), "--target-len", "1k", "--output", str(world / "out/long")]) == 0
+        shutil.rmtree(world / "out/long")
+
+
 def test_a_full_disk_during_the_write_is_one_line_and_leaves_nothing(world, tmp_path, monkeypatch, capsys):
     """ENOSPC from the safetensors writer in the middle of a merge: one line, no temporary directory left."""
     import errno

@@ -10,12 +10,14 @@ output is on another filesystem), so extending an 8B model takes seconds and a f
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from longctx.errors import LongctxError
 from longctx.models.metadata import write_metadata
 from longctx.models.output import (
-    atomic_output_dir, check_output_free, copy_auxiliary_files, link_or_copy, read_json, set_model_max_length, write_json,
+    atomic_output_dir, check_output_free, copy_auxiliary_files, existing_ancestor, link_or_copy, read_json,
+    set_model_max_length, write_json,
 )
 from longctx.models.tensors import PICKLE_INDEX, SAFE_INDEX, TensorReader
 from longctx.rope.config import apply_rope_settings, context_length, native_length, rope_settings
@@ -115,7 +117,10 @@ def extend_model(
     params = settings["rope_parameters"]
     method_parameters = {key: value for key, value in params.items() if key not in NOT_METHOD_PARAMETERS}
     modes = []
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+    # the shards are hard-linked, and copied only onto another filesystem: only then do they need room
+    copied = os.stat(model_dir).st_dev != os.stat(existing_ancestor(output)).st_dev
+    expected = sum((model_dir / name).stat().st_size for name in weight_files) if copied else None
+    with atomic_output_dir(output, overwrite=overwrite, expected_bytes=expected) as tmp:
         new_config = apply_rope_settings(config, params, settings["max_position_embeddings"])
         if self_extend is not None:
             new_config[SELF_EXTEND_KEY] = self_extend

@@ -91,11 +91,17 @@ def check_no_overlap(dest: Path, source: Path, label: str) -> None:
     )
 
 
-def check_parent_writable(dest: Path, expected_bytes: int | None = None) -> None:
-    """The nearest existing ancestor of dest must be a writable directory with room for expected_bytes."""
+def existing_ancestor(dest: str | Path) -> Path:
+    """The nearest ancestor of dest that exists (where its directory will be made)."""
     ancestor = Path(os.path.abspath(dest)).parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
+    return ancestor
+
+
+def check_parent_writable(dest: Path, expected_bytes: int | None = None) -> None:
+    """The nearest existing ancestor of dest must be a writable directory with room for expected_bytes."""
+    ancestor = existing_ancestor(dest)
     if not ancestor.is_dir():
         raise LongctxError(f"cannot create output {dest}: {ancestor} is a file, not a directory; choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
