@@ -121,9 +121,9 @@ CASES = [
      "missing weight shard"),
     # main: wrote a model with rope_theta 0 (every rotation angle 0/NaN) or a negative yarn beta
     ("extend-theta-zero", ["extend", "--model", M, "--target-len", "1k", "--rope-theta", "0", "--output", "out/x"],
-     "--rope-theta 0: must be a positive number"),
+     "--rope-theta 0.0: must be a positive number"),
     ("extend-beta-negative", ["extend", "--model", M, "--target-len", "1k", "--method", "yarn", "--beta-fast", "-1",
-                              "--output", "out/x"], "--beta-fast -1: must be a positive number"),
+                              "--output", "out/x"], "--beta-fast -1.0: must be a positive number"),
     ("extend-bad-length", ["extend", "--model", M, "--target-len", "12q", "--output", "out/x"], "--target-len"),
     ("extend-train-broken-yaml", ["extend", "--model", M, "--target-len", "1k", "--output", "out/x",
                                   "--train", "configs/broken.yaml"], "not valid YAML"),

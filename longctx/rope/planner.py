@@ -46,6 +46,13 @@ def _check_method(method: str) -> None:
         raise LongctxError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def _positive(value) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -68,10 +75,9 @@ def rope_for_length(config: dict, length: int, method: str = DEFAULT_METHOD, **o
     if not_for_method:
         flags = ", ".join(_flag(key) for key in not_for_method)
         raise LongctxError(f"{flags} does not apply to method {method}; drop it or choose a method that takes it")
-    not_positive = [key for key, value in given.items()
-                    if not isinstance(value, bool) and not (math.isfinite(float(value)) and float(value) > 0)]
+    not_positive = [key for key, value in given.items() if not isinstance(value, bool) and not _positive(value)]
     if not_positive:
-        flags = ", ".join(f"{_flag(key)} {given[key]:g}" for key in not_positive)
+        flags = ", ".join(f"{_flag(key)} {given[key]}" for key in not_positive)
         raise LongctxError(f"{flags}: must be a positive number; fix it or drop it for the method's default")
     if length <= 0:
         raise LongctxError(f"target length must be positive, got {length}")
