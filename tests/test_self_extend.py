@@ -279,3 +279,22 @@ def test_extend_refuses_bad_self_extend_requests(tmp_path, capsys, flags, messag
     assert main(["extend", "--model", str(source), "--target-len", "200", *flags, "--output", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_extend_train_refuses_sequence_parallel_with_self_extend_before_writing(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from longctx.cli import main
+
+    source = make_tiny_llama(tmp_path / "tiny", max_position_embeddings=64)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to train on\n" * 20)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"parallel": {"sequence_parallel": 2}, "data": {"source": "files", "paths": [str(corpus)]},
+                                      "stages": [{"seq_len": 128, "steps": 1, "learning_rate": 1e-4}]}))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, so the world check passes
+    out = tmp_path / "se"
+    assert main(["extend", "--model", str(source), "--target-len", "200", "--method", "ntk", "--self-extend",
+                 "--output", str(out), "--train", str(config)]) == 2
+    assert "cannot be sharded by sequence parallelism" in capsys.readouterr().err
+    assert not out.exists()

@@ -112,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         self_extend = {"group_size": args.group_size, "window": args.window}
     elif args.group_size is not None or args.window is not None:
         raise LongctxError("--group-size and --window apply to Self-Extend; add --self-extend or use --method self-extend")
+    if training is not None and self_extend is not None and training[0].parallel.sequence_parallel > 1:
+        raise LongctxError("Self-Extend's attention cannot be sharded by sequence parallelism; train with "
+                           "parallel.sequence_parallel 1, or extend without Self-Extend")
     model_dir = resolve_model(args.model)
     result = extend_model(
         model_dir,
