@@ -213,6 +213,29 @@ class Journey:
         os.replace(partial, output)
         return output
 
+    def arithmetic_reference(self, base: Path, long: Path, sibling: Path) -> Path:
+        """SIBLING + (LONG - BASE) for every tensor, norms and embeddings included, with LONG's config:
+        what a graft that adds every difference (instead of replacing modules_to_save) would give.
+        A reference written here with safetensors, not a longctx command."""
+        output = self.work / "merged" / "sibling-arithmetic"
+        if (output / "config.json").is_file():
+            return output
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        weights = {name: load_file(model / "model.safetensors") for name, model in
+                   (("base", base), ("long", long), ("sibling", sibling))}
+        partial = output.with_name(output.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(sibling, partial)
+        merged = {name: tensor + (weights["long"][name] - weights["base"][name])
+                  for name, tensor in weights["sibling"].items()}
+        save_file(merged, partial / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(long / "config.json", partial / "config.json")
+        os.replace(partial, output)
+        return output
+
     # --- scores ---------------------------------------------------------------------------
 
     def score(self, row: str, model: Path, tasks: tuple[str, ...] = TASKS, needle_seed: int | None = None) -> dict:
@@ -261,6 +284,8 @@ class Journey:
         self.results["key_rank"] = key["choice"]
         random_adapter = self.random_adapter(self.work / "adapters" / key["choice"])
         self.score(f"SIBLING + random {key['choice']}", self.graft(sibling, random_adapter, f"sibling-random-{key['choice']}"))
+        if args.arithmetic_reference:
+            self.score("SIBLING + (LONG - BASE), every tensor (reference)", self.arithmetic_reference(base, long, sibling))
         for needle_seed in args.spread_needle_seeds:
             for row, model in (("LONG", long), ("SIBLING", sibling), (f"SIBLING + {key['choice']}", self.work / "merged" / f"sibling-{key['choice']}")):
                 self.score(f"{row} (probes seed {needle_seed})", model, needle_seed=needle_seed)
@@ -389,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--goal-passkey", type=float, default=0.8, help="passkey at 1024 the graft must reach")
     parser.add_argument("--goal-kept", type=float, default=0.9, help="fraction of the sibling's skill it must keep")
     parser.add_argument("--device", default="cpu", help="--device of extract-lora, merge-adapters and needle (train picks CUDA itself)")
+    parser.add_argument("--arithmetic-reference", action="store_true",
+                        help="also score SIBLING + (LONG - BASE) over every tensor (a reference, not a longctx command)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per command")
     parser.add_argument("--lock", type=Path, help="a lock file held (flock) around each command, e.g. /tmp/longctx-heavy.lock")
     parser.add_argument("--in-process", action="store_true",

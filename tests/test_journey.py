@@ -32,7 +32,7 @@ def journey():
     return load_journey()
 
 
-SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--spread-needle-seeds", "2", "--samples", "1", "--pretrain-steps", "3",
+SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--spread-needle-seeds", "2", "--arithmetic-reference", "--samples", "1", "--pretrain-steps", "3",
          "--long-steps", "2,2", "--sibling-steps", "3", "--in-process"]
 
 
@@ -56,7 +56,7 @@ def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, smo
     assert line["control_rope_only"] == scores["SIBLING, LONG's rope only"]["passkey@1024"]
     rows = ["BASE", "LONG", "SIBLING", "SIBLING + r4", "BASE + r4 (LONG rebuilt)", "SIBLING + rfull",
             "BASE + rfull (LONG rebuilt)", "SIBLING + e0.9", "BASE + e0.9 (LONG rebuilt)", "SIBLING, LONG's rope only",
-            f"SIBLING + random {results['key_rank']}", "LONG (probes seed 2)", "SIBLING (probes seed 2)",
+            f"SIBLING + random {results['key_rank']}", "SIBLING + (LONG - BASE), every tensor (reference)", "LONG (probes seed 2)", "SIBLING (probes seed 2)",
             f"SIBLING + {results['key_rank']} (probes seed 2)", "LONG seed 1", "SIBLING seed 1", f"SIBLING + {results['key_rank']} seed 1"]
     assert list(scores) == rows
     for row in rows:
@@ -73,6 +73,12 @@ def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, smo
         config = json.loads((work / "merged" / merged / "config.json").read_text())
         assert config["rope_parameters"] == long_config["rope_parameters"] != {"rope_type": "default", "rope_theta": 1e4}
         assert config["max_position_embeddings"] == 1024
+
+    # the reference adds every tensor's difference: on BASE itself it would be LONG
+    arithmetic = load_file(work / "merged" / "sibling-arithmetic" / "model.safetensors")
+    sibling, base_weights = load_file(work / "sibling" / "model.safetensors"), load_file(work / "base" / "model.safetensors")
+    for name, tensor in arithmetic.items():
+        torch.testing.assert_close(tensor - sibling[name], long_weights_of(work)[name] - base_weights[name], atol=1e-5, rtol=1e-4)
 
     # the full-rank adapter rebuilds LONG from BASE, tensor by tensor
     long_weights = load_file(work / "long" / "model.safetensors")
@@ -118,6 +124,10 @@ def test_the_gpu_variant_starts_from_a_given_base_and_trains_long_from_its_ntk_e
         assert config["rope_parameters"] == extended["rope_parameters"]
     assert json.loads((work / "results.json").read_text())["settings"]["base"] == str(base)
     assert not (work / "init").exists()
+
+
+def long_weights_of(work: Path) -> dict:
+    return load_file(work / "long" / "model.safetensors")
 
 
 def scores_of(passkey_by_rank, skill_by_rank, sibling_skill=0.8):
