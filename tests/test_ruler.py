@@ -307,6 +307,10 @@ def test_table_average_and_effective_length():
         "effective_length"] == 1000
     assert summarize_suite(rows, SuitePlan(lengths, ["vt"], samples=2), "m")["effective_length"] == 1000
     assert summarize_suite(rows, SuitePlan(lengths, ["vt"], samples=2, threshold=0.91), "m")["effective_length"] == 0
+    # a length where a task has no sample yet (an interrupted run) has no average, and ends the effective length
+    partial = summarize_suite([r for r in rows if (r["task"], r["length"]) != ("vt", 2000)], plan, "m")
+    assert partial["average"]["2000"] is None and partial["scores"]["niah_single_1"]["2000"] == 100.0
+    assert partial["effective_length"] == 1000
     table = format_suite_table(summary)
     assert "niah_single_1 |  100.0 |  100.0 |   50.0 |  100.0" in table
     assert "average (2)   |   95.0 |   85.6 |   50.0 |  100.0" in table

@@ -109,7 +109,7 @@ def cell_key(row: dict) -> tuple[str, int, int]:
 
 def summarize_suite(rows: list[dict], plan: SuitePlan, model_name: str, seconds: float = 0.0) -> dict:
     """RULER's table: each task's mean score per length in points (0-100), the average of the tasks
-    per length, and the effective length: the longest length up to which every average is at least
+    per length (once every task has a sample there), and the effective length: the longest length up to which every average is at least
     the threshold (0 when the shortest length already falls below it)."""
     wanted = set(plan.cells)
     rows = [row for row in rows if cell_key(row) in wanted]
@@ -122,7 +122,9 @@ def summarize_suite(rows: list[dict], plan: SuitePlan, model_name: str, seconds:
     for name in plan.tasks:
         per_length = {L: mean(100 * r["score"] for r in rows if r["task"] == name and r["length"] == L) for L in plan.lengths}
         scores[name] = per_length
-    average = {L: mean(scores[name][L] for name in plan.tasks if scores[name][L] is not None) for L in plan.lengths}
+    # the average of every task, or none while a task has no sample at that length (a partial run)
+    average = {L: mean(scores[name][L] for name in plan.tasks) if all(scores[name][L] is not None for name in plan.tasks)
+               else None for L in plan.lengths}
     effective = 0
     for L in plan.lengths:
         if average[L] is None or average[L] < 100 * plan.threshold - 1e-9:
