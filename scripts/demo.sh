@@ -2,8 +2,9 @@
 # Install (or reuse) the environment, then the main job on the embedded default model, with no
 # training: extend SmolLM2-135M (8K native) to 16K with NTK-aware rope plus Self-Extend's grouped
 # attention, and show a passkey at 12K, past the native length, where the unscaled model fails and
-# the extended one retrieves it. About 8 minutes on a 2-core CPU (the first run also converts the
-# default model from GGUF, about 30 s); benchmarks/RESULTS.md has the timed run. Outputs: out/demo/.
+# the extended one retrieves it. About 15 CPU minutes, 8-10 minutes on an idle 2-core CPU (the
+# first run also converts the default model from GGUF, about 30 s); benchmarks/RESULTS.md has the
+# measured run. Outputs: out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash scripts/setup.sh)
