@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from longctx.attention.self_extend import self_extend_attention
+from longctx.attention.self_extend import GroupedRotation, self_extend_attention
 from tests.conftest import make_tiny_llama
 
 
@@ -73,7 +73,7 @@ def test_matches_the_reference(q_len, k_len, group_size, window):
     scale = q.shape[-1] ** -0.5
     expected = reference_attention(q, k, v, inv_freq, group_size, window, scale)
     q_rot, k_rot = rotated_inputs(q, k, inv_freq)
-    out = self_extend_attention(q_rot, k_rot, v, inv_freq=inv_freq, group_size=group_size, window=window, scale=scale)
+    out = self_extend_attention(q_rot, k_rot, v, rotation=GroupedRotation(inv_freq, group_size, window), scale=scale)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
@@ -96,7 +96,7 @@ def test_partial_rotary_dims_pass_through():
         logits = torch.where(distance < 8, exact, grouped).mul(scale).masked_fill(distance < 0, float("-inf"))
         return torch.softmax(logits, -1) @ vv
 
-    out = self_extend_attention(q_rot, k_rot, v, inv_freq=inv_freq, group_size=3, window=8, scale=scale)
+    out = self_extend_attention(q_rot, k_rot, v, rotation=GroupedRotation(inv_freq, 3, 8), scale=scale)
     torch.testing.assert_close(out.double(), reference(q, k), atol=2e-5, rtol=1e-4)
 
 
@@ -104,9 +104,9 @@ def test_equals_sdpa_inside_the_window_and_differs_beyond_it():
     q, k, v, inv_freq = random_problem(3, 24, 24)
     q_rot, k_rot = rotated_inputs(q, k, inv_freq)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, enable_gqa=True)
-    inside = self_extend_attention(q_rot, k_rot, v, inv_freq=inv_freq, group_size=4, window=24, scale=0.25)
+    inside = self_extend_attention(q_rot, k_rot, v, rotation=GroupedRotation(inv_freq, 4, 24), scale=0.25)
     torch.testing.assert_close(inside, sdpa, atol=1e-5, rtol=1e-5)
-    beyond = self_extend_attention(q_rot, k_rot, v, inv_freq=inv_freq, group_size=4, window=6, scale=0.25)
+    beyond = self_extend_attention(q_rot, k_rot, v, rotation=GroupedRotation(inv_freq, 4, 6), scale=0.25)
     assert (beyond - sdpa).abs().max() > 1e-2  # the negative control: grouping changes the result
 
 
@@ -114,7 +114,7 @@ def test_gradients_match_the_reference():
     q, k, v, inv_freq = random_problem(11, 30, 30)
     q_rot, k_rot = rotated_inputs(q, k, inv_freq)
     q_rot.requires_grad_(True)
-    out = self_extend_attention(q_rot, k_rot, v, inv_freq=inv_freq, group_size=3, window=8, scale=0.25)
+    out = self_extend_attention(q_rot, k_rot, v, rotation=GroupedRotation(inv_freq, 3, 8), scale=0.25)
     out.square().sum().backward()
     q_ref = q.clone().double().requires_grad_(True)
     reference_attention(q_ref, k, v, inv_freq, 3, 8, 0.25).square().sum().backward()

@@ -89,14 +89,13 @@ class GroupedRotation:
 
 
 def self_extend_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-    inv_freq: torch.Tensor, group_size: int, window: int, scale: float,
-    rotation: GroupedRotation | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, rotation: GroupedRotation, scale: float,
 ) -> torch.Tensor:
     """Causal grouped-position attention of the last query.shape[2] positions of a sequence whose
     keys and values (positions 0 .. key.shape[2] - 1) are key, value; [batch, heads, seq, head_dim],
-    GQA allowed. Returns [batch, heads, q_seq, head_dim] in query's dtype. `rotation` (for these
-    inv_freq, G and W) keeps its tables between calls."""
+    GQA allowed. Returns [batch, heads, q_seq, head_dim] in query's dtype. `rotation` carries the
+    model's inv_freq, G and W, and keeps its tables between calls."""
+    group_size, window = rotation.group_size, rotation.window
     q_len, k_len = query.shape[2], key.shape[2]
     start = k_len - q_len  # position of the first query
     # the fused kernels give no gradient through their lse, which the merge needs: under autograd, math
@@ -104,7 +103,6 @@ def self_extend_attention(
     grouping = k_len > window and group_size > 1
     if not grouping and (q_len == 1 or start == 0):  # every distance inside the window: plain causal attention
         return block_forward(kernel, query, key, value, scale, start == 0, None)[0].to(query.dtype)
-    rotation = rotation or GroupedRotation(inv_freq, group_size, window)
     batch, device = query.shape[0], query.device
     grouped_query = rotation.rotate(query, "query", start)
 

@@ -213,10 +213,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def check_loadable(model_dir: Path, *, allow_pickle: bool = False) -> None:
+def check_loadable(model_dir: Path, *, allow_pickle: bool = False) -> dict:
     """Fail in one line, before transformers reads a byte of weights, on what would otherwise end
     in its traceback: missing or truncated shards, pickle weights without allow_pickle (the
-    TensorReader's refusal), a model that needs its own code (trust_remote_code stays off)."""
+    TensorReader's refusal), a model that needs its own code (trust_remote_code stays off).
+    Returns the model's config.json."""
     from longctx.models.output import read_json
     from longctx.models.tensors import TensorReader
 
@@ -231,15 +232,22 @@ def check_loadable(model_dir: Path, *, allow_pickle: bool = False) -> None:
             "(trust_remote_code is off); use a model whose architecture transformers implements"
         )
     TensorReader(model_dir, allow_pickle=allow_pickle).verify()
+    return config
 
 
 def load_pretrained(model_dir: Path, *, allow_pickle: bool = False, dtype=None, **model_kwargs):
     """AutoModelForCausalLM and AutoTokenizer of a local model directory, after check_loadable;
-    what transformers still refuses becomes one line naming the model."""
+    what transformers still refuses becomes one line naming the model. A model whose config asks
+    for grouped-position attention gets attn_implementation="longctx_self_extend" unless the
+    caller chooses one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_loadable(model_dir, allow_pickle=allow_pickle)
+    from longctx.models.self_extend import attention_implementation
+
+    config = check_loadable(model_dir, allow_pickle=allow_pickle)
+    if "attn_implementation" not in model_kwargs and attention_implementation(config) is not None:
+        model_kwargs["attn_implementation"] = attention_implementation(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -252,15 +260,7 @@ def load_pretrained(model_dir: Path, *, allow_pickle: bool = False, dtype=None, 
 
 def load_model_and_tokenizer(reference: str | None = None, *, dtype=None, device: str = "cpu",
                              allow_pickle: bool = False, **model_kwargs):
-    """Load a resolved model with AutoModelForCausalLM (trust_remote_code off) and its tokenizer; a model
-    whose config asks for grouped-position attention gets attn_implementation="longctx_self_extend"."""
-    from longctx.models.output import read_json
-    from longctx.models.self_extend import attention_implementation
-
+    """Resolve a model reference and load it with load_pretrained, on `device`."""
     model_dir = resolve_model(reference)
-    if "attn_implementation" not in model_kwargs and (model_dir / "config.json").is_file():
-        implementation = attention_implementation(read_json(model_dir / "config.json"))
-        if implementation is not None:
-            model_kwargs["attn_implementation"] = implementation
     model, tokenizer = load_pretrained(model_dir, allow_pickle=allow_pickle, dtype=dtype, **model_kwargs)
     return model.to(device), tokenizer

@@ -96,11 +96,7 @@ def self_extend_attention_forward(
             f"{key.shape[2] - 1}); packed documents and left padding are not supported"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    rotation = _rotation(module, settings)
-    out = self_extend_attention(
-        query, key, value, inv_freq=rotation.inv_freq,
-        group_size=settings["group_size"], window=settings["window"], scale=scale, rotation=rotation,
-    )
+    out = self_extend_attention(query, key, value, rotation=_rotation(module, settings), scale=scale)
     return out.transpose(1, 2).contiguous(), None
 
 

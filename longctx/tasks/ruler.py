@@ -19,6 +19,7 @@ Imports: tasks.haystacks, tasks.prompts, errors; `datasets` for QA files, lazily
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import random
@@ -184,7 +185,7 @@ def insert_at_fractions(units: list[str], items: list[str], fractions: list[floa
 # Generators: (rng, size) -> RulerSample ---------------------------------------------------------
 
 
-class Generator:
+class Generator(abc.ABC):
     """Draws and renders the samples of one task at one length. `render(index, size)` seeds a fresh
     random.Random from (seed, task, length, index) each time, so a sample is a function of its index
     and the haystack size alone, and every draw that does not depend on the size (keys, values,
@@ -199,8 +200,9 @@ class Generator:
     def rng(self, index: int, part: str = "") -> random.Random:
         return random.Random(f"ruler:{self.seed}:{self.task.name}:{self.length}:{index}{part}")
 
+    @abc.abstractmethod
     def render(self, index: int, size: int) -> RulerSample:
-        raise NotImplementedError
+        """Sample `index` of the task with a haystack of `size` units."""
 
     def clean(self, size: int) -> RulerSample | None:
         """The sample's text with nothing inserted in the haystack, when every sample of the task starts
