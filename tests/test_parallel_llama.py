@@ -74,6 +74,30 @@ def test_llama_forward_backward_two_ranks():
     run_ranks(2, _check_all)
 
 
+def _check_bfloat16_autocast(rank, world_size):
+    """Under bfloat16 autocast transformers' rope gives q, k in float32 beside a bfloat16 v; the ring runs
+    them in bfloat16 as sdpa does, with sdpa's loss and gradients to bfloat16 accuracy."""
+    model = _model()
+    input_ids = torch.randint(3, 259, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_loss, expected_grads = _reference(model, input_ids, input_ids, None)
+        shard = shard_for_sequence_parallel({"input_ids": input_ids, "labels": input_ids}, rank, world_size)
+        model.set_attn_implementation("longctx_ring")
+        logits = model(shard["input_ids"], position_ids=shard["position_ids"], use_cache=False).logits
+        loss = sequence_parallel_loss(logits.float(), shard["shift_labels"])
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=2e-2, atol=0)
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad.clone()
+        dist.all_reduce(grad)
+        cosine = F.cosine_similarity(grad.flatten(), expected_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
+
+
+def test_llama_under_bfloat16_autocast_two_ranks():
+    run_ranks(2, _check_bfloat16_autocast)
+
+
 def _check_two_rings(rank, world_size):
     rings = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     set_sequence_parallel_group(rings[rank // 2])  # what longctx_ring rings over

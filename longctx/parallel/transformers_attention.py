@@ -42,6 +42,7 @@ def longctx_ring_attention_forward(
             "call the model with use_cache=False, and generate with attn_implementation='sdpa'"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    query, key, value = _as_sdpa_would(query, key, value)
     out = ring_attention_bhsd(
         query, key, value,
         group=get_sequence_parallel_group(),
@@ -50,6 +51,20 @@ def longctx_ring_attention_forward(
         position_ids=kwargs.get("position_ids"),
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _as_sdpa_would(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in the one dtype sdpa would run them in: autocast's when it is on (transformers' rope
+    hands over q and k in float32, promoted by its float32 cos/sin, beside a bfloat16 v), else their
+    common type."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+        for tensor in tensors[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) for tensor in tensors)
 
 
 def longctx_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
