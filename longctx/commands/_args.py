@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 
 from longctx.models.reference import DEFAULT_MODEL
-from longctx.units import parse_token_count
+from longctx.units import parse_byte_count, parse_token_count
 
 
 def token_count(text: str) -> int:
     """argparse type wrapper of parse_token_count."""
     try:
         return parse_token_count(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def byte_count(text: str) -> int:
+    """argparse type wrapper of parse_byte_count: 80GiB, 500MB, 1024."""
+    try:
+        return parse_byte_count(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

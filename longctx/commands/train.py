@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from longctx.commands._args import add_allow_pickle_argument, formatter
+from longctx.errors import LongctxError
+
+from longctx.commands._args import add_allow_pickle_argument, byte_count, formatter
+from longctx.train.dry_run import MFU, PEAK_TFLOPS
 
 DESCRIPTION = """\
 Fine-tune a model progressively to a long context, stage by stage (as Gradient took
@@ -55,11 +58,29 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output and start over, discarding earlier checkpoints")
     add_allow_pickle_argument(parser)
+    dry = parser.add_argument_group("dry run (no weights, no processes: what each rank of the run would hold)")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="build the model from its config.json on the meta device, shard it as rank 0 of "
+                          "--world-size would, and print per stage the memory per rank and a step time; exit 2 "
+                          "naming the first stage that does not fit --gpu-memory")
+    dry.add_argument("--world-size", type=int, metavar="N", help="ranks of the run (default: parallel.sequence_parallel)")
+    dry.add_argument("--gpu-memory", type=byte_count, metavar="SIZE", help="memory per rank, e.g. 80GiB")
+    dry.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, metavar="T",
+                     help="dense TFLOPS of one rank in the run's precision (default: %(default)g, an H100 in bfloat16)")
+    dry.add_argument("--mfu", type=float, default=MFU, metavar="F",
+                     help="model FLOPs utilization assumed for the step time (default: %(default)g)")
+    dry.add_argument("--json", action="store_true", help="print the dry run as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the metrics log is still written)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(args)
+    given = [flag for flag, value in (("--world-size", args.world_size), ("--gpu-memory", args.gpu_memory),
+                                      ("--json", args.json or None)) if value is not None]
+    if given:
+        raise LongctxError(f"{', '.join(given)} describe a dry run; add --dry-run")
     from longctx.models.metadata import read_metadata
     from longctx.train.api import train_from_config
 
@@ -80,4 +101,28 @@ def run(args: argparse.Namespace) -> int:
                 + (f" factor {rope['factor']:g}" if "factor" in rope else "")
                 + f", final loss {stage['final_loss']:.4f}"
             )
+    return 0
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    import json
+
+    from longctx.train.config import load_config
+    from longctx.train.dry_run import Hardware, estimate_run, format_estimate, gib, suggestion
+
+    if args.resume or args.overwrite:
+        raise LongctxError("--dry-run writes nothing; drop --resume and --overwrite")
+    if not 0 < args.mfu <= 1 or args.peak_tflops <= 0:
+        raise LongctxError("--mfu must be in (0, 1] and --peak-tflops positive")
+    config = load_config(args.config, model=args.model)
+    world_size = args.world_size or config.parallel.sequence_parallel
+    hardware = Hardware(memory_bytes=args.gpu_memory, peak_tflops=args.peak_tflops, mfu=args.mfu)
+    estimate = estimate_run(config, world_size=world_size, hardware=hardware)
+    print(json.dumps(estimate.to_json(), indent=2) if args.json else format_estimate(estimate))
+    too_big = next((stage for stage in estimate.stages if stage.fits is False), None)
+    if too_big is not None:
+        raise LongctxError(
+            f"stage {too_big.stage} (seq_len {too_big.seq_len}) needs {gib(too_big.total)} per rank, more than "
+            f"--gpu-memory {gib(hardware.memory_bytes)}; try {suggestion(config, world_size, hardware, too_big)}"
+        )
     return 0
