@@ -179,3 +179,91 @@ def test_the_attention_runs_only_in_the_engines_passes(models):
     model.set_attn_implementation(ATTENTION_NAME)
     with pytest.raises(LongctxError, match="attn_implementation='sdpa'"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+# --- the CLI: torchrun --nproc-per-node P -m longctx needle ... --sequence-parallel P --------------
+
+CLI_GRID = ["--lengths", "300,290", "--depths", "0,100", "--samples", "1", "--haystack", "essays", "--chunk-size", "37"]
+
+
+def test_torchrun_grid_resumes_a_one_process_run_and_writes_what_one_process_writes(models, tmp_path):
+    """One process runs the grid; its last two samples are dropped (one half-written) and two torchrun
+    ranks resume it: every row and the summary equal the one-process run's, only rank 0 writes and
+    prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from longctx.cli import main
+    from longctx.eval.grid import read_results
+
+    output = tmp_path / "run"
+    command = ["needle", "--model", str(models[0]), *CLI_GRID, "--output", str(output)]
+    assert main(command) == 0
+    whole = read_results(output / "results.jsonl")
+    summary = json.loads((output / "summary.json").read_text())
+    lines = (output / "results.jsonl").read_text().splitlines()
+    (output / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:25])
+    (output / "summary.json").unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "longctx",
+         *command, "--sequence-parallel", "2", "--resume"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("effective length") == 1  # rank 0 alone reports
+    resumed = read_results(output / "results.jsonl")
+    assert len(resumed) == len(whole) == 4
+    without_time = [{key: value for key, value in row.items() if key != "seconds"} for row in whole]
+    assert [{key: value for key, value in row.items() if key != "seconds"} for row in resumed] == without_time
+    again = json.loads((output / "summary.json").read_text())
+    assert {key: value for key, value in again.items() if key != "seconds"} == {
+        key: value for key, value in summary.items() if key != "seconds"}
+    assert (output / "heatmap.png").is_file() and sorted(p.name for p in output.iterdir()) == [
+        "heatmap.png", "results.jsonl", "settings.json", "summary.json"]
+
+
+def test_sequence_parallel_is_refused_where_it_cannot_run(models, tmp_path, monkeypatch, capsys):
+    """One line, exit 2, nothing written: a P that is not torchrun's world size (either way), the RULER
+    suite, a Self-Extend model (refused from its config before the model loads), an attention the
+    sharded cache cannot stand in for."""
+    import json
+
+    from longctx.cli import main
+    from longctx.errors import LongctxError
+    from longctx.eval.grid import NeedleSettings, load_for_run
+    from longctx.eval.sharded import Sharding, sharded_attention
+
+    output = tmp_path / "never"
+    base = ["needle", "--model", str(models[0]), *CLI_GRID, "--output", str(output)]
+    cases = [
+        ([*base, "--sequence-parallel", "2"], {}, "launch with torchrun --nproc-per-node 2"),
+        ([*base, "--sequence-parallel", "0"], {}, "at least 1"),
+        (base, {"WORLD_SIZE": "2"}, "pass --sequence-parallel 2"),
+        ([*base, "--sequence-parallel", "4"], {"WORLD_SIZE": "2"}, "pass --sequence-parallel 2"),
+        (["needle", "--model", str(models[0]), "--suite", "ruler", "--lengths", "1k", "--output", str(output),
+          "--sequence-parallel", "2"], {}, "runs in one process"),
+    ]
+    for argv, environment, message in cases:
+        with monkeypatch.context() as patch:
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+        assert not output.exists()
+
+    self_extend = tmp_path / "self-extend"
+    make_tiny_llama(self_extend)
+    config = json.loads((self_extend / "config.json").read_text())
+    config["self_extend"] = {"group_size": 4, "window": 16}
+    (self_extend / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LongctxError, match="Self-Extend.*drop --sequence-parallel"):
+        load_for_run(NeedleSettings(model=str(self_extend)), output, {}, lengths=[300], chunk_size=37, reuse=True,
+                     resume=False, overwrite=False, allow_pickle=False, sharding=Sharding(None, 1, 2))
+    model, _ = load(models[0])
+    model.config._attn_implementation = "longctx_self_extend"
+    with pytest.raises(LongctxError, match="drop --sequence-parallel"), sharded_attention(model):
+        pass

@@ -135,7 +135,7 @@ class PrefixCache:
             self.tokens_processed += shared - self.length
             self.length = shared
         if self.sharding is not None:
-            return self.cache.cropped_copy(shared, capacity), shared
+            return self.cache.continuation(shared, capacity), shared
         return cropped_copy(self.cache, shared, capacity), shared
 
     def new_cache(self, capacity: int = 0):
@@ -242,15 +242,20 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True) -> int:
+def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True,
+                          ranks: int = 1) -> int:
     """Peak memory of evaluating one prompt of `length` tokens: the KV caches (shared prefix + the
-    working copy), one chunk's attention scores and MLP activations, and the weights."""
+    working copy), one chunk's attention scores and MLP activations, and the weights. With `ranks`
+    > 1, one rank's: its share of the cache (a prompt reads the prefix in place: one cache, not
+    two), the scores of a chunk's queries over that share, its piece of the chunk's MLP."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype_bytes = next(model.parameters()).element_size()
-    caches = (2 if reuse else 1) * length * kv_bytes_per_token(config, dtype_bytes)
+    shared_copies = 2 if reuse and ranks == 1 else 1
+    caches = shared_copies * -(-length // ranks) * kv_bytes_per_token(config, dtype_bytes)
     chunk = min(chunk_size, length)
-    attention = text.num_attention_heads * chunk * length * 4  # scores in float32 (eager/math kernels)
+    attention = text.num_attention_heads * chunk * -(-length // ranks) * 4  # scores in float32 (eager/math kernels)
+    chunk = -(-chunk // ranks)
     mlp = chunk * (getattr(text, "intermediate_size", 4 * text.hidden_size) * 3 + text.hidden_size * 4) * dtype_bytes
     logits = 64 * text.vocab_size * 4  # only the last positions' logits are kept
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -266,14 +271,16 @@ def available_memory_bytes(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True) -> int:
-    """Refuse up front, with the figures, a length whose evaluation would not fit in memory."""
+def check_memory(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True, ranks: int = 1) -> int:
+    """Refuse up front, with the figures, a length whose evaluation would not fit in memory (one rank's
+    share of it with `ranks` > 1)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = estimate_memory_bytes(model, length, chunk_size=chunk_size, reuse=reuse) - weights  # weights are loaded
+    need = estimate_memory_bytes(model, length, chunk_size=chunk_size, reuse=reuse, ranks=ranks) - weights
     free = available_memory_bytes(model.device)
     if need > 0.9 * free:
         raise LongctxError(
             f"length {length} needs about {need / 2**30:.1f} GiB beyond the loaded weights (KV cache + activations) "
-            f"but {free / 2**30:.1f} GiB is available; use shorter --lengths or a smaller --chunk-size"
+            f"but {free / 2**30:.1f} GiB is available; use shorter --lengths, a smaller --chunk-size "
+            "or more ranks (torchrun ... --sequence-parallel P)"
         )
     return need

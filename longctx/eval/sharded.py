@@ -19,8 +19,10 @@ the shares stay within a token of each other.
 
 The kept logits of a pass come from the ranks that computed them (split) or from rank 0
 (replicated), so every rank acts on the same logits and picks the same next token. Which global
-positions each rank holds (the `ShardLayout`) is known on every rank: cropping a copy of the
-reused prefix for a prompt and dropping a rejected draft need no communication.
+positions each rank holds (the `ShardLayout`) is known on every rank: starting a prompt on the
+reused prefix and dropping a rejected draft need no communication. A prompt's cache reads the
+prefix's keys in place (its attention takes them as one more block) instead of copying them as
+the one-process engine does, so a rank holds its share of the prefix once.
 
 The model is a stock transformers model, run through transformers' public interfaces: the pass
 reaches every attention call as one keyword argument of the model call (transformers hands a
@@ -103,6 +105,7 @@ class ShardedPass:
     split: bool  # each rank runs its piece (True) or every rank runs all tokens (False)
     stored: tuple[int, ...]  # tokens each rank stores (split: the piece it runs), consecutive runs in rank order
     held_before: tuple[int, ...]  # keys each rank held before the pass
+    base: tuple | None = None  # this rank's (keys, values) per layer of a shared prefix, read not copied
 
     def first_row(self, rank: int) -> int:
         """The pass row (0 = its first token) of the first key `rank` stores: the ranks store
@@ -110,15 +113,15 @@ class ShardedPass:
         return sum(self.stored[:rank])
 
     @classmethod
-    def plan(cls, sharding: Sharding, layout: ShardLayout, length: int) -> ShardedPass:
+    def plan(cls, sharding: Sharding, layout: ShardLayout, length: int, base: tuple | None = None) -> ShardedPass:
         held = tuple(layout.held(rank) for rank in range(sharding.size))
         fewest_first = sorted(range(sharding.size), key=lambda rank: (held[rank], rank))
         if length >= sharding.size:  # the tokens left over after equal pieces go to the ranks holding fewest keys
             extra = set(fewest_first[: length % sharding.size])
             stored = tuple(length // sharding.size + (rank in extra) for rank in range(sharding.size))
-            return cls(sharding, layout.length, length, True, stored, held)
+            return cls(sharding, layout.length, length, True, stored, held, base)
         stored = tuple(int(rank in fewest_first[:length]) for rank in range(sharding.size))  # a token each
-        return cls(sharding, layout.length, length, False, stored, held)
+        return cls(sharding, layout.length, length, False, stored, held, base)
 
 
 @functools.cache
@@ -155,12 +158,15 @@ def _sharded_cache_class():
     class ShardedCache(DynamicCache):
         """A DynamicCache holding this rank's share of a prompt's keys and values.
 
-        get_seq_length is the global length (what position the next token has); each layer holds
-        the positions `layout` gives this rank, in position order."""
+        get_seq_length is the global length (what position the next token has). This rank's
+        positions (those `layout` gives it, in position order) are the `base` (a read-only view of
+        another cache's first keys, per layer: the reused prefix, not copied) followed by what
+        each layer holds itself."""
 
-        def __init__(self, sharding: Sharding, layout: ShardLayout, capacity: int = 0):
+        def __init__(self, sharding: Sharding, layout: ShardLayout, capacity: int = 0, base: tuple | None = None):
             super().__init__()
-            self.sharding, self.layout = sharding, layout
+            self.sharding, self.layout, self.base = sharding, layout, base
+            self.base_held = base[0][0].shape[-2] if base else 0
             local_capacity = -(-capacity // sharding.size) + 1 if capacity else 0
             self.layer_class_to_replicate = functools.partial(ShardedLayer, self, local_capacity)
             self.current: ShardedPass | None = None
@@ -173,7 +179,7 @@ def _sharded_cache_class():
             the same on every rank) of the pass's last `keep` positions, or None for keep=0."""
             if not 0 <= keep <= len(ids):
                 raise ValueError(f"cannot keep {keep} positions of a pass of {len(ids)}")
-            shard = ShardedPass.plan(self.sharding, self.layout, len(ids))
+            shard = ShardedPass.plan(self.sharding, self.layout, len(ids), self.base)
             rank = self.sharding.rank
             first = shard.first_row(rank) if shard.split else 0
             mine = shard.stored[rank] if shard.split else len(ids)
@@ -204,30 +210,111 @@ def _sharded_cache_class():
             dist.all_reduce(kept, group=group)
             return kept
 
-        def cropped_copy(self, length: int, capacity: int = 0):
-            """A new sharded cache holding a copy of the first `length` global positions (this one untouched)."""
+        def continuation(self, length: int, capacity: int = 0):
+            """A new sharded cache that starts with this one's first `length` global positions, read in
+            place (never copied: this cache must only grow while the new one is in use), with room
+            for `capacity` positions in all."""
+            if self.base is not None:
+                raise ValueError("a continuation of a continuation: continue the cache it continues")
             layout = self.layout.cropped(length)
-            copy = ShardedCache(self.sharding, layout, capacity)
             held = layout.held(self.sharding.rank)
-            for layer in self.layers:
-                copy.layers.append(copy.layer_class_to_replicate())
-                if held:
-                    copy.layers[-1].store(layer.keys[..., :held, :], layer.values[..., :held, :])
-            return copy
+            base = tuple((layer.keys[..., :held, :], layer.values[..., :held, :]) for layer in self.layers) if held else None
+            return ShardedCache(self.sharding, layout, max(capacity - length, 0), base)
 
         def keep_first(self, length: int) -> None:
             """Drop every global position from `length` on."""
             self.layout = self.layout.cropped(length)
             held = self.layout.held(self.sharding.rank)
+            if held < self.base_held:
+                self.base = tuple((keys[..., :held, :], values[..., :held, :]) for keys, values in self.base) if held else None
+                self.base_held = held
             for layer in self.layers:
                 if layer.is_initialized and layer.keys.numel():
-                    layer.keep_first(held)
+                    layer.keep_first(held - self.base_held)
 
     return ShardedCache
 
 
 def is_sharded(cache) -> bool:
     return isinstance(cache, _sharded_cache_class())
+
+
+# Running across ranks -------------------------------------------------------------------------
+
+
+def torchrun_world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world(sequence_parallel: int) -> None:
+    """Refuse, before any work, a --sequence-parallel that is not the number of processes torchrun started."""
+    world_size = torchrun_world_size()
+    if sequence_parallel < 1:
+        raise LongctxError(f"--sequence-parallel {sequence_parallel} must be at least 1")
+    if sequence_parallel != world_size:
+        if world_size == 1:
+            raise LongctxError(f"--sequence-parallel {sequence_parallel} needs {sequence_parallel} processes; launch with "
+                               f"torchrun --nproc-per-node {sequence_parallel} -m longctx needle ...")
+        raise LongctxError(f"this is one of {world_size} processes (torchrun) but --sequence-parallel is "
+                           f"{sequence_parallel}; pass --sequence-parallel {world_size}, or launch "
+                           f"--nproc-per-node {sequence_parallel}")
+
+
+@contextlib.contextmanager
+def joined(sequence_parallel: int, device: str = "cpu"):
+    """The Sharding of this process in a group of `sequence_parallel` torchrun processes (None for 1);
+    the process group is set up for the block (gloo on the CPU, nccl on CUDA) and ended after it."""
+    check_world(sequence_parallel)
+    if sequence_parallel == 1:
+        yield None
+        return
+    started = not dist.is_initialized()
+    if started:
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    try:
+        yield Sharding.of()
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def rank_device(device: str) -> str:
+    """The device of this torchrun process for a resolved --device: its own GPU (LOCAL_RANK) for cuda."""
+    import os
+
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def on_every_rank(sharding: Sharding | None, work):
+    """work() on every rank: a LongctxError on any rank is raised on all of them (so no rank waits in a
+    collective for one that gave up); otherwise work()'s result on this rank."""
+    if sharding is None:
+        return work()
+    try:
+        result, message = work(), None
+    except LongctxError as error:
+        result, message = None, str(error)
+    messages = [None] * sharding.size
+    dist.all_gather_object(messages, message, group=sharding.group)
+    refused = next((text for text in messages if text is not None), None)
+    if refused is not None:
+        raise LongctxError(refused)
+    return result
+
+
+def from_rank_zero(sharding: Sharding | None, value):
+    """Rank 0's value on every rank (a picklable object)."""
+    if sharding is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=sharding.global_rank(0), group=sharding.group)
+    return box[0]
 
 
 # Attention ------------------------------------------------------------------------------------
@@ -244,17 +331,22 @@ def _attend(kernel: str, q, k, v, scale: float, causal: bool):
     return out, lse
 
 
-def local_partial(queries, key, value, scale: float, shard: ShardedPass):
-    """(out float32 [b, h, n, d], lse [b, h, n]) of the pass's n queries over the keys this rank holds:
-    those of earlier passes (all before every query) in full, and this pass's piece causally (the
-    queries from its first row on see it, up to their own position). Rows that see none of this
-    rank's keys get out 0 and lse -inf."""
+def local_partial(queries, key, value, scale: float, shard: ShardedPass, layer: int):
+    """(out float32 [b, h, n, d], lse [b, h, n]) of the pass's n queries over the keys this rank holds
+    for `layer` (key, value: those its cache layer holds itself, after the shared base): the base's
+    and those of earlier passes (all before every query) in full, and this pass's piece causally
+    (the queries from its first row on see it, up to their own position). Rows that see none of
+    this rank's keys get out 0 and lse -inf."""
     rank = shard.sharding.rank
     batch, heads, rows, _ = queries.shape
     kernel = choose_kernel(queries)
     out = queries.new_zeros(batch, heads, rows, value.shape[-1], dtype=torch.float32)
     lse = queries.new_full((batch, heads, rows), NEG_INF, dtype=torch.float32)
     before, stored = shard.held_before[rank], shard.stored[rank]
+    if shard.base is not None:
+        base_key, base_value = shard.base[layer]
+        merge_into(out, lse, *_attend(kernel, queries, base_key, base_value, scale, False))
+        before -= base_key.shape[-2]
     if before:
         merge_into(out, lse, *_attend(kernel, queries, key[:, :, :before], value[:, :, :before], scale, False))
     if stored:
@@ -299,7 +391,7 @@ def sharded_attention_forward(module, query, key, value, attention_mask, dropout
                            "window or logit softcapping; evaluate this model in one process (drop --sequence-parallel)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     queries = _gather_queries(query, shard) if shard.split else query
-    out, lse = local_partial(queries, key, value, scale, shard)
+    out, lse = local_partial(queries, key, value, scale, shard, module.layer_idx)
     out = combine_across_ranks(out, lse, shard.sharding.group)
     if shard.split:
         first = shard.first_row(shard.sharding.rank)
