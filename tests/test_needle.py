@@ -341,7 +341,8 @@ class AnswerOracle:
     it does not know. The model still runs (its cache and chunking are the real ones); only the
     logits it returns are replaced. It tells prompts apart by their tokens, as it sees them; a pass
     that starts at or after the end of the current prompt is one of its decode steps (prompts may
-    differ in length)."""
+    differ in length). A pass's positions are its position_ids when it has them (a rank's piece of a
+    sharded pass), else those after the cache's."""
 
     def __init__(self, model, eos: int, prompts: list[list[int]], continuations: list[list[int]]):
         self.eos, self.prompts = eos, prompts
@@ -351,8 +352,13 @@ class AnswerOracle:
 
     def __call__(self, module, args, kwargs, output):
         ids = kwargs["input_ids"][0].tolist()
-        end = kwargs["past_key_values"].get_seq_length()
-        start = end - len(ids)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            start = int(positions[0, 0])
+            end = start + len(ids)
+        else:
+            end = kwargs["past_key_values"].get_seq_length()
+            start = end - len(ids)
         if self.current is None or start < len(self.prompts[self.current]):  # prompt tokens: whose?
             self.current = next((i for i, prompt in enumerate(self.prompts)
                                  if start < len(prompt) and prompt[start:end] == ids[: len(prompt) - start]), None)

@@ -28,6 +28,9 @@ examples:
   # RULER's multi-key variant with uuid values, scored teacher-forced (one forward pass)
   longctx needle --task multikey --value-type uuids --scoring teacher-forced \\
       --lengths 2k,4k --depths 0,25,50,75,100 --output out/ruler-mk
+  # a 64K grid whose KV cache is split across 4 processes (each holds a quarter)
+  torchrun --nproc-per-node 4 -m longctx needle --model out/smollm2-64k --lengths 16k,32k,64k \
+      --sequence-parallel 4 --output out/needle-64k
   # RULER's 13 tasks at four lengths, its table and effective length (QA from local SQuAD/HotpotQA files)
   longctx needle --suite ruler --lengths 4k,8k,16k,32k --samples 5 --qa-data data/ruler --output out/ruler
   # your own needle in your own documents; resume after an interruption
@@ -74,6 +77,9 @@ def register(subparsers) -> None:
     run.add_argument("--chunk-size", type=token_count, default=2048, metavar="T", help="prefill chunk, bounds activation memory (default: %(default)s)")
     run.add_argument("--device", default="auto", metavar="cpu|cuda|auto",
                      help="where the model runs; auto = cuda when available (default: %(default)s)")
+    run.add_argument("--sequence-parallel", type=int, default=1, metavar="P",
+                     help="shard each prompt's KV cache across P processes, launched as torchrun --nproc-per-node P "
+                     "-m longctx needle ...; rank 0 writes the output (default: %(default)s)")
     run.add_argument("--threshold", type=float, metavar="F",
                      help="score (0-1) defining the effective length (default: 0.85; 0.856 with --suite ruler, RULER's 85.6)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished samples")
@@ -110,13 +116,17 @@ def grid_from_args(args: argparse.Namespace):
     depths = args.depths if args.depths is not None else grid_depths(args.num_depths, args.depth_spacing)
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     return GridPlan(lengths, depths, args.samples, not args.no_prefix_reuse, args.chunk_size, threshold,
-                    args.device)
+                    args.device, args.sequence_parallel)
 
 
 def run_suite_command(args: argparse.Namespace) -> int:
     from longctx.errors import LongctxError
     from longctx.eval.suite import DEFAULT_SUITE_THRESHOLD, SuitePlan, SuiteSettings, format_suite_table, run_suite
 
+    from longctx.eval.sharded import torchrun_world_size
+
+    if args.sequence_parallel != 1 or torchrun_world_size() > 1:
+        raise LongctxError("--suite ruler runs in one process; launch it without torchrun and drop --sequence-parallel")
     given = [flag for flag, default in args.grid_defaults.items() if getattr(args, flag) != default]
     if given:
         raise LongctxError(f"--{given[0].replace('_', '-')} applies to a grid, not to --suite; drop it")
@@ -150,6 +160,8 @@ def run_command(args: argparse.Namespace) -> int:
     )
     summary = run_grid(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite,
                        allow_pickle=args.allow_pickle)
+    if summary is None:  # a rank other than 0 of --sequence-parallel: rank 0 reports
+        return 0
     print(format_table(summary))
     effective = summary["effective_length"]
     print(

@@ -2,6 +2,9 @@
 
 - `engine.py`: the model-side work: chunked prefill, the reused haystack KV prefix, greedy answers
   (the expected answer verified as a draft), teacher forcing, the memory check;
+- `cache.py`: a prompt's KV cache in one process (layers that write in place, cropped copies);
+- `sharded.py`: a prompt's KV cache sharded across the ranks of a process group, and
+  `longctx_sharded`, the attention over it (`longctx needle --sequence-parallel P`);
 - `attention.py`: `longctx_cached`, attention on top of a KV cache without a mask (CPU sdpa models);
 - `runner.py`: one (length, depth, sample) cell scored (`Evaluator`), and `passkey_accuracy`;
 - `scoring.py`: the answer-scoring rules; `grid.py`: a resumable lengths x depths run and its files;

@@ -12,6 +12,9 @@ rotated as transformers' one-pass prefill would rotate them (eval/rotation.py).
 Greedy answers take the expected answer as a draft verified in the prompt's own pass
 (`greedy_answer`), so a right answer costs no decode step.
 
+With a `Sharding` (eval/sharded.py), every cache the engine makes is split across the ranks of a
+process group, and each forward pass runs across them: the same calls, the same answers.
+
 Inside `evaluation_mode`, an sdpa model attends with `longctx_cached` (eval/attention.py): a
 chunk run on top of a cache needs no [chunk, cache + chunk] mask, which makes a suffix after
 a reused prefix (and every chunk after the first) 12-30% cheaper on the CPU
@@ -21,7 +24,6 @@ a reused prefix (and every chunk after the first) 12-30% cheaper on the CPU
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.attention import cached_attention
+from longctx.eval.cache import cropped_copy, new_cache
+from longctx.eval.sharded import Sharding, is_sharded, sharded_attention
 from longctx.eval.rotation import rotation_for_length
 from longctx.rope.config import rope_types
 from longctx.rope.methods import LENGTH_DEPENDENT_TYPES
@@ -53,90 +57,16 @@ def prefix_reuse_supported(config) -> bool:
 
 
 @contextlib.contextmanager
-def evaluation_mode(model):
+def evaluation_mode(model, sharding: Sharding | None = None):
     """model.eval() and, for an sdpa model on the CPU, `longctx_cached` attention (eval/attention.py)
-    for a block; both restored after."""
+    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after."""
     was_training = model.training
     model.eval()
     try:
-        with cached_attention(model):
+        with sharded_attention(model) if sharding is not None else cached_attention(model):
             yield
     finally:
         model.train(was_training)
-
-
-@functools.cache
-def _reserved_layer_class():
-    """The ReservedLayer class (made on first use: transformers is imported lazily)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):
-        """A DynamicLayer that writes new keys and values in place into buffers with room ahead.
-
-        DynamicLayer concatenates on every update, so each decode step copies the whole cache
-        into fresh memory. Here `keys`/`values` are views of the filled part of two buffers of
-        `capacity` positions (the length the caller expects), doubled if they run out.
-        """
-
-        def __init__(self, capacity: int = 0):
-            super().__init__()
-            self.capacity = capacity
-            self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length = self.get_seq_length()
-            end = length + key_states.shape[-2]
-            if self.buffers is None or end > self.buffers[0].shape[-2] or not self._views_of_buffers():
-                self._reserve(key_states, max(end, self.capacity, 2 * length))
-            key_buffer, value_buffer = self.buffers
-            key_buffer[..., length:end, :].copy_(key_states)
-            value_buffer[..., length:end, :].copy_(value_states)
-            self.keys, self.values = key_buffer[..., :end, :], value_buffer[..., :end, :]
-            return self.keys, self.values
-
-        def keep_first(self, length: int) -> None:
-            """Drop every position from `length` on; the buffers keep their room."""
-            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
-
-        def _views_of_buffers(self) -> bool:
-            """False once something (batch selection, say) has replaced keys with a tensor of its own."""
-            return self.keys.numel() == 0 or (
-                self.keys.data_ptr() == self.buffers[0].data_ptr() and self.keys.shape[:2] == self.buffers[0].shape[:2]
-            )
-
-        def _reserve(self, like: torch.Tensor, capacity: int) -> None:
-            batch, heads, _, head_dim = like.shape
-            length = self.get_seq_length()
-            buffers = tuple(like.new_empty(batch, heads, capacity, head_dim) for _ in range(2))
-            if length:
-                buffers[0][..., :length, :].copy_(self.keys)
-                buffers[1][..., :length, :].copy_(self.values)
-            self.buffers = buffers
-
-    return ReservedLayer
-
-
-def new_cache(capacity: int = 0):
-    """An empty DynamicCache whose layers write in place into buffers of `capacity` positions
-    (a whole prompt and its answer, when known), grown by doubling beyond it."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = functools.partial(_reserved_layer_class(), capacity)
-    return cache
-
-
-def cropped_copy(cache, length: int, capacity: int = 0):
-    """A new cache (as `new_cache(capacity)`) holding a copy of the first `length` positions of
-    `cache`, which is left untouched."""
-    copy = new_cache(capacity)
-    if length:
-        for layer in cache.layers:
-            copy.layers.append(copy.layer_class_to_replicate())
-            copy.layers[-1].update(layer.keys[..., :length, :], layer.values[..., :length, :])
-    return copy
 
 
 @torch.no_grad()
@@ -148,29 +78,47 @@ def prefill(model, cache, ids: list[int], *, chunk_size: int = DEFAULT_CHUNK, ke
     weight once more, as a decode step does."""
     if not ids:
         return None
-    device = model.device
     last_start = (len(ids) - 1) // chunk_size * chunk_size
     if len(ids) - last_start < keep:  # the kept positions do not fit in the last chunk: they get their own
         last_start = max(len(ids) - keep, 0)
     for start in range(0, last_start, chunk_size):
-        chunk = torch.tensor([ids[start : min(start + chunk_size, last_start)]], device=device)
-        model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        forward(model, cache, ids[start : min(start + chunk_size, last_start)], keep=0)
+    return forward(model, cache, ids[last_start:], keep=keep)
+
+
+def forward(model, cache, ids: list[int], *, keep: int) -> torch.Tensor | None:
+    """One forward pass of ids on top of `cache` (a sharded cache runs it across its ranks): the
+    logits of the last `keep` positions (keep x vocab, float32), or None for keep=0."""
+    if is_sharded(cache):
+        return cache.run(model, ids, keep)
     logits = model(
-        input_ids=torch.tensor([ids[last_start:]], device=device), past_key_values=cache, use_cache=True,
+        input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
         logits_to_keep=max(keep, 1),  # 0 would mean all positions
     ).logits
     return logits[0, -keep:].float() if keep else None
 
 
-class PrefixCache:
-    """The KV cache of `clean_tokens` (head + haystack), grown on demand and shared by all prompts."""
+def keep_first(cache, length: int) -> None:
+    """Drop every position of `cache` from `length` on."""
+    if is_sharded(cache):
+        cache.keep_first(length)
+        return
+    for layer in cache.layers:
+        layer.keep_first(length)
 
-    def __init__(self, model, clean_tokens: list[int], *, enabled: bool = True, chunk_size: int = DEFAULT_CHUNK):
+
+class PrefixCache:
+    """The KV cache of `clean_tokens` (head + haystack), grown on demand and shared by all prompts;
+    with a `sharding`, every cache it hands out is sharded across its ranks (eval/sharded.py)."""
+
+    def __init__(self, model, clean_tokens: list[int], *, enabled: bool = True, chunk_size: int = DEFAULT_CHUNK,
+                 sharding: Sharding | None = None):
         self.model = model
         self.clean_tokens = clean_tokens
         self.enabled = enabled
         self.chunk_size = chunk_size
-        self.cache = new_cache()
+        self.sharding = sharding
+        self.cache = self.new_cache()
         self.length = 0
         self.tokens_processed = 0  # clean tokens run through the model (for the work accounting)
 
@@ -179,14 +127,19 @@ class PrefixCache:
         cache has room for all of ids and `answer_tokens` more."""
         capacity = len(ids) + answer_tokens
         if not self.enabled or shared == 0:
-            return new_cache(capacity), 0
+            return self.new_cache(capacity), 0
         if ids[:shared] != self.clean_tokens[:shared]:
             raise ValueError("prompt does not start with the clean haystack tokens")
         if shared > self.length:
             prefill(self.model, self.cache, self.clean_tokens[self.length : shared], chunk_size=self.chunk_size, keep=0)
             self.tokens_processed += shared - self.length
             self.length = shared
+        if self.sharding is not None:
+            return self.cache.continuation(shared, capacity), shared
         return cropped_copy(self.cache, shared, capacity), shared
+
+    def new_cache(self, capacity: int = 0):
+        return self.sharding.new_cache(capacity) if self.sharding is not None else new_cache(capacity)
 
     def shared_with(self, ids: list[int]) -> int:
         """How many leading tokens of ids agree with the clean tokens (the longest common prefix), less
@@ -246,11 +199,9 @@ def _greedy_tokens(model, cache, logits: torch.Tensor, draft: list[int], prompt_
         accepted += 1
         token = int(logits[accepted].argmax())
     yield token
-    for layer in cache.layers:  # forget the draft tokens after the first disagreement
-        layer.keep_first(prompt_length + accepted)
+    keep_first(cache, prompt_length + accepted)  # forget the draft tokens after the first disagreement
     while True:
-        logits = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True).logits
-        token = int(logits[0, -1].argmax())
+        token = int(forward(model, cache, [token], keep=1)[-1].argmax())
         yield token
 
 
@@ -291,15 +242,20 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True) -> int:
+def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True,
+                          ranks: int = 1) -> int:
     """Peak memory of evaluating one prompt of `length` tokens: the KV caches (shared prefix + the
-    working copy), one chunk's attention scores and MLP activations, and the weights."""
+    working copy), one chunk's attention scores and MLP activations, and the weights. With `ranks`
+    > 1, one rank's: its share of the cache (a prompt reads the prefix in place: one cache, not
+    two), the scores of a chunk's queries over that share, its piece of the chunk's MLP."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype_bytes = next(model.parameters()).element_size()
-    caches = (2 if reuse else 1) * length * kv_bytes_per_token(config, dtype_bytes)
+    shared_copies = 2 if reuse and ranks == 1 else 1
+    caches = shared_copies * -(-length // ranks) * kv_bytes_per_token(config, dtype_bytes)
     chunk = min(chunk_size, length)
-    attention = text.num_attention_heads * chunk * length * 4  # scores in float32 (eager/math kernels)
+    attention = text.num_attention_heads * chunk * -(-length // ranks) * 4  # scores in float32 (eager/math kernels)
+    chunk = -(-chunk // ranks)
     mlp = chunk * (getattr(text, "intermediate_size", 4 * text.hidden_size) * 3 + text.hidden_size * 4) * dtype_bytes
     logits = 64 * text.vocab_size * 4  # only the last positions' logits are kept
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -315,14 +271,16 @@ def available_memory_bytes(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True) -> int:
-    """Refuse up front, with the figures, a length whose evaluation would not fit in memory."""
+def check_memory(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True, ranks: int = 1) -> int:
+    """Refuse up front, with the figures, a length whose evaluation would not fit in memory (one rank's
+    share of it with `ranks` > 1)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = estimate_memory_bytes(model, length, chunk_size=chunk_size, reuse=reuse) - weights  # weights are loaded
+    need = estimate_memory_bytes(model, length, chunk_size=chunk_size, reuse=reuse, ranks=ranks) - weights
     free = available_memory_bytes(model.device)
     if need > 0.9 * free:
         raise LongctxError(
             f"length {length} needs about {need / 2**30:.1f} GiB beyond the loaded weights (KV cache + activations) "
-            f"but {free / 2**30:.1f} GiB is available; use shorter --lengths or a smaller --chunk-size"
+            f"but {free / 2**30:.1f} GiB is available; use shorter --lengths, a smaller --chunk-size "
+            "or more ranks (torchrun ... --sequence-parallel P)"
         )
     return need

@@ -66,6 +66,7 @@ class GridPlan:
     chunk_size: int = DEFAULT_CHUNK
     threshold: float = DEFAULT_THRESHOLD
     device: str = "cpu"  # where the model runs (the scores do not depend on it, so resuming elsewhere is fine)
+    sequence_parallel: int = 1  # processes the KV caches are sharded over (torchrun's world size)
     cells: list[tuple[int, float, int]] = field(init=False)
 
     def __post_init__(self):
@@ -83,6 +84,8 @@ class GridPlan:
                                "e.g. 0.85")
         if self.chunk_size < 1:
             raise LongctxError("--chunk-size must be a positive number of tokens")
+        if self.sequence_parallel < 1:
+            raise LongctxError(f"--sequence-parallel {self.sequence_parallel} must be at least 1")
         self.lengths = sorted(set(self.lengths))
         self.depths = sorted(set(float(d) for d in self.depths))
         self.cells = [(length, depth, i) for length in self.lengths for depth in self.depths for i in range(self.samples)]
@@ -238,66 +241,116 @@ def run_grid(
     settings: NeedleSettings, plan: GridPlan, output: str | Path, *, resume: bool = False, overwrite: bool = False,
     progress: bool = True, allow_pickle: bool = False,
 ) -> dict:
-    """Run (or resume) a grid, writing results as they finish; returns the summary."""
-    from tqdm import tqdm
+    """Run (or resume) a grid, writing results as they finish; returns the summary.
 
-    from longctx.eval.runner import Evaluator
-    from longctx.tasks.haystacks import haystack_path
+    With plan.sequence_parallel P > 1 this is one of P torchrun processes: every rank evaluates every
+    cell with its share of the KV caches (eval/sharded.py), and rank 0 alone checks and writes the
+    output and returns the summary (the others return None). A refusal on any rank is raised on all,
+    before the first write."""
+    from longctx.eval.sharded import check_world, from_rank_zero, joined, on_every_rank, rank_device
+    from longctx.models import resolve_device
 
     output = Path(output)
     task = settings.make_task()  # validate before touching the output or loading the model
+    check_world(plan.sequence_parallel)
+    device = resolve_device(plan.device)
+    with joined(plan.sequence_parallel, rank_device(device) if plan.sequence_parallel > 1 else device) as sharding:
+        main = sharding is None or sharding.rank == 0
+        evaluator, model_dir, model_name = on_every_rank(
+            sharding, lambda: _grid_evaluator(settings, plan, task, output, resume, overwrite, allow_pickle, sharding),
+        )
+        started_results = on_every_rank(sharding, lambda: start_results(
+            output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite) if main else None)
+        done_rows, todo = started_results if main else ([], None)
+        todo = from_rank_zero(sharding, todo)
+        seconds = _run_cells(evaluator, todo, done_rows, output if main else None, progress and main)
+        if not main:
+            return None
+        summary = summarize(done_rows, plan, settings, model_name, seconds)
+        summary["prompt_style"] = evaluator.style
+        summary["model_path"] = str(model_dir)
+        write_summary(output, summary)
+        return summary
+
+
+def _grid_evaluator(settings, plan, task, output, resume, overwrite, allow_pickle, sharding):
+    """(Evaluator, model directory, model name) after every check a grid makes before its first write."""
+    from longctx.eval.runner import Evaluator
+    from longctx.tasks.haystacks import haystack_path
+
     model_dir, model, tokenizer, model_name = load_for_run(
         settings, output, {"the haystack": haystack_path(settings.haystack)}, lengths=plan.lengths,
         chunk_size=plan.chunk_size, reuse=plan.prefix_reuse, resume=resume, overwrite=overwrite,
-        allow_pickle=allow_pickle, device=plan.device,
+        allow_pickle=allow_pickle, device=plan.device, sharding=sharding,
     )
     evaluator = Evaluator(
         model, tokenizer, task, max_length=max(plan.lengths), haystack=settings.haystack,
         prompt_style=settings.prompt, scoring=settings.scoring, prefix_reuse=plan.prefix_reuse,
-        chunk_size=plan.chunk_size, seed=settings.seed,
+        chunk_size=plan.chunk_size, seed=settings.seed, sharding=sharding,
     )
     evaluator.builder.build(task.sample(random.Random(0)), min(plan.lengths), 0.0)  # refuses a too-short length
+    return evaluator, model_dir, model_name
 
-    done_rows, todo = start_results(output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite)
+
+def _run_cells(evaluator, todo: list, done_rows: list, output: Path | None, progress: bool) -> float:
+    """Evaluate the cells still to do, appending each row to done_rows (and to output's results when
+    given); returns the seconds it took."""
+    from tqdm import tqdm
+
     started = time.perf_counter()
-    results_path = output / RESULTS
     bar = tqdm(todo, desc="needle", unit="sample", disable=not progress or not todo)
     scores = []
     for length, depth, index in bar:
         row = evaluator.evaluate(length, depth, index).to_json()
-        append_result(results_path, row)
+        if output is not None:
+            append_result(output / RESULTS, row)
         done_rows.append(row)
         scores.append(row["score"])
         bar.set_postfix_str(f"L={length_label(length)} depth={depth:g} mean={sum(scores) / len(scores):.2f}")
     bar.close()
-    summary = summarize(done_rows, plan, settings, model_name, time.perf_counter() - started)
-    summary["prompt_style"] = evaluator.style
-    summary["model_path"] = str(model_dir)
-    write_summary(output, summary)
-    return summary
+    return time.perf_counter() - started
 
 
 def load_for_run(
     settings, output: Path, inputs: dict, *, lengths: list[int], chunk_size: int, reuse: bool, resume: bool,
-    overwrite: bool, allow_pickle: bool, device: str = "cpu",
+    overwrite: bool, allow_pickle: bool, device: str = "cpu", sharding=None,
 ):
     """What a grid or suite run checks before any work, then its model: not both --resume and
     --overwrite; an output that is free of the model and `inputs` and exists only with --resume or
-    --overwrite; memory for the longest length. Returns (model_dir, model, tokenizer, model_name)."""
+    --overwrite (rank 0's checks, with a `sharding`); memory for the longest length (this rank's
+    share); an attention the sharded cache can stand in for. Returns (model_dir, model, tokenizer,
+    model_name)."""
+    from longctx.eval.sharded import check_shardable, rank_device
     from longctx.models import check_output_free, load_model_and_tokenizer, resolve_device, resolve_model
     from longctx.models.reference import reference_path
 
+    checks_output = sharding is None or sharding.rank == 0
     if resume and overwrite:
         raise LongctxError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
-    check_output_free(output, overwrite or resume, inputs={"the model": reference_path(settings.model), **inputs})
+    if checks_output:
+        check_output_free(output, overwrite or resume, inputs={"the model": reference_path(settings.model), **inputs})
     model_dir = resolve_model(settings.model)
     device = resolve_device(device)
-    if output.exists() and not (resume or overwrite):
+    if sharding is not None:
+        _refuse_self_extend(model_dir)
+        device = rank_device(device)
+    if checks_output and output.exists() and not (resume or overwrite):
         prepare_output(output, settings, resume=False, overwrite=False)  # raises: refuse before any work
     model, tokenizer = load_model_and_tokenizer(model_dir, allow_pickle=allow_pickle, device=device)
     model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
-    check_memory(model, max(lengths), chunk_size=chunk_size, reuse=reuse)
+    if sharding is not None:
+        check_shardable(model)
+    check_memory(model, max(lengths), chunk_size=chunk_size, reuse=reuse, ranks=sharding.size if sharding else 1)
     return model_dir, model, tokenizer, model_name
+
+
+def _refuse_self_extend(model_dir: Path) -> None:
+    from longctx.models.output import read_json
+    from longctx.models.self_extend import attention_implementation
+
+    if attention_implementation(read_json(Path(model_dir) / "config.json")) is not None:
+        raise LongctxError(f"--sequence-parallel cannot run Self-Extend's grouped-position attention ({model_dir} asks "
+                           "for it) across ranks; evaluate this model in one process (drop --sequence-parallel)")
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -73,6 +73,7 @@ class Evaluator:
         prefix_reuse: bool = True,
         chunk_size: int = DEFAULT_CHUNK,
         seed: int = 0,
+        sharding=None,
     ):
         if scoring not in SCORINGS:
             raise LongctxError(f"unknown scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
@@ -88,7 +89,9 @@ class Evaluator:
             )
         built = build_haystack(tokenizer, haystack, max_length, text=haystack_text)
         self.builder = PromptBuilder(tokenizer, built, task.instruction, self.style)
-        self.prefix = PrefixCache(model, self.builder.clean_tokens, enabled=self.prefix_reuse, chunk_size=chunk_size)
+        self.sharding = sharding  # eval/sharded.py's Sharding: the KV caches are split across its ranks
+        self.prefix = PrefixCache(model, self.builder.clean_tokens, enabled=self.prefix_reuse, chunk_size=chunk_size,
+                                  sharding=sharding)
 
     @property
     def haystack(self):
@@ -98,7 +101,7 @@ class Evaluator:
         started = time.perf_counter()
         sample = self.task.sample(sample_rng(self.seed, length, depth, index))
         prompt = self.builder.build(sample, length, depth)
-        with evaluation_mode(self.model):
+        with evaluation_mode(self.model, self.sharding):
             if self.scoring == "teacher-forced":
                 pieces = [encode(self.tokenizer, text) for text, _ in sample.answer_pieces]
                 answer = teacher_forced_answer(

@@ -1,0 +1,86 @@
+"""The KV cache of a prompt held whole by one process: DynamicCache layers that write in place.
+
+`new_cache(capacity)` reserves room for a whole prompt and its answer, so decode steps do not copy
+the cache; `cropped_copy` hands a prompt the reused haystack prefix as a cache of its own.
+(The cache split across the ranks of a process group is sharded.py's.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def reserved_layer_class():
+    """The ReservedLayer class (made on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer that writes new keys and values in place into buffers with room ahead.
+
+        DynamicLayer concatenates on every update, so each decode step copies the whole cache
+        into fresh memory. Here `keys`/`values` are views of the filled part of two buffers of
+        `capacity` positions (the length the caller expects), doubled if they run out.
+        """
+
+        def __init__(self, capacity: int = 0):
+            super().__init__()
+            self.capacity = capacity
+            self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            end = length + key_states.shape[-2]
+            if self.buffers is None or end > self.buffers[0].shape[-2] or not self._views_of_buffers():
+                self._reserve(key_states, max(end, self.capacity, 2 * length))
+            key_buffer, value_buffer = self.buffers
+            key_buffer[..., length:end, :].copy_(key_states)
+            value_buffer[..., length:end, :].copy_(value_states)
+            self.keys, self.values = key_buffer[..., :end, :], value_buffer[..., :end, :]
+            return self.keys, self.values
+
+        def keep_first(self, length: int) -> None:
+            """Drop every position from `length` on; the buffers keep their room."""
+            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+
+        def _views_of_buffers(self) -> bool:
+            """False once something (batch selection, say) has replaced keys with a tensor of its own."""
+            return self.keys.numel() == 0 or (
+                self.keys.data_ptr() == self.buffers[0].data_ptr() and self.keys.shape[:2] == self.buffers[0].shape[:2]
+            )
+
+        def _reserve(self, like: torch.Tensor, capacity: int) -> None:
+            batch, heads, _, head_dim = like.shape
+            length = self.get_seq_length()
+            buffers = tuple(like.new_empty(batch, heads, capacity, head_dim) for _ in range(2))
+            if length:
+                buffers[0][..., :length, :].copy_(self.keys)
+                buffers[1][..., :length, :].copy_(self.values)
+            self.buffers = buffers
+
+    return ReservedLayer
+
+
+def new_cache(capacity: int = 0):
+    """An empty DynamicCache whose layers write in place into buffers of `capacity` positions
+    (a whole prompt and its answer, when known), grown by doubling beyond it."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = functools.partial(reserved_layer_class(), capacity)
+    return cache
+
+
+def cropped_copy(cache, length: int, capacity: int = 0):
+    """A new cache (as `new_cache(capacity)`) holding a copy of the first `length` positions of
+    `cache`, which is left untouched."""
+    copy = new_cache(capacity)
+    if length:
+        for layer in cache.layers:
+            copy.layers.append(copy.layer_class_to_replicate())
+            copy.layers[-1].update(layer.keys[..., :length, :], layer.values[..., :length, :])
+    return copy
