@@ -132,7 +132,7 @@ def test_ring_flash_attn_backend_needs_flash_attn_and_auto_picks_torch():
     q, k, v = _qkv(2)
     with pytest.raises(LongctxError, match="flash-attn"):
         ring_attention(q, k, v, backend="ring-flash-attn")
-    assert _resolve_backend("auto", q, causal=True, packed=False) == "torch"
+    assert _resolve_backend("auto", q, causal=True, packed=False, ring=True) == "torch"
     with pytest.raises(LongctxError, match="unknown ring attention backend"):
         ring_attention(q, k, v, backend="nccl")
 

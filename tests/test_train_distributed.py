@@ -25,13 +25,13 @@ def corpus(tmp_path_factory):
     return path
 
 
-def config_file(directory, model, corpus, sequence_parallel):
+def config_file(directory, model, corpus, sequence_parallel, ulysses=1):
     config = {
         "model": str(model),
         "output": str(directory / "out"),
         "seed": 2,
         "loss_chunk_size": 96,
-        "parallel": {"sequence_parallel": sequence_parallel},
+        "parallel": {"sequence_parallel": sequence_parallel, "ulysses": ulysses},
         "data": {"source": "files", "paths": [str(corpus)]},
         "stages": [
             {"seq_len": 128, "steps": 3, "learning_rate": 3e-3, "batch_size": 2},
@@ -96,12 +96,12 @@ def segments(position_ids):
     return pieces
 
 
-def step_config(model_dir, sequence_parallel):
+def step_config(model_dir, sequence_parallel, ulysses=1):
     from longctx.train.config import parse_config
 
     return parse_config({
         "model": str(model_dir), "activation_checkpointing": True, "loss_chunk_size": 48,
-        "parallel": {"sequence_parallel": sequence_parallel}, "data": {"source": "synthetic-passkey"},
+        "parallel": {"sequence_parallel": sequence_parallel, "ulysses": ulysses}, "data": {"source": "synthetic-passkey"},
         "stages": [{"seq_len": PACKED_SEQ_LEN, "steps": 1, "learning_rate": 1.0}],
     })
 
@@ -128,16 +128,17 @@ def reference_gradients(model_dir, batch, across_documents=False):
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def one_training_step(model_dir, batch, sequence_parallel):
-    """longctx's own step (load_model, CausalLMLoss, FSDP2 and ring attention under sequence parallelism,
-    train_step) with SGD at learning rate 1: returns (loss, the parameter update) on rank 0."""
+def one_training_step(model_dir, batch, sequence_parallel, ulysses=1):
+    """longctx's own step (load_model, CausalLMLoss, FSDP2 and ring attention (or Ulysses, or the hybrid)
+    under sequence parallelism, train_step) with SGD at learning rate 1: returns (loss, the parameter
+    update) on rank 0."""
     from longctx.train import checkpoint as ckpt
     from longctx.train.distributed import setup_runtime, shard_module
     from longctx.train.loop import load_model, train_step
     from longctx.train.loss import CausalLMLoss
 
-    runtime = setup_runtime(sequence_parallel)
-    model, _ = load_model(model_dir, step_config(model_dir, sequence_parallel), runtime)
+    runtime = setup_runtime(sequence_parallel, ulysses)
+    model, _ = load_model(model_dir, step_config(model_dir, sequence_parallel, ulysses), runtime)
     module = CausalLMLoss(model, chunk_size=48)
     before = {name: tensor.clone() for name, tensor in ckpt.full_model_state(module, distributed=False).items()}
     if runtime.distributed:

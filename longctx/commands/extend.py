@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         raise LongctxError("Self-Extend's attention cannot be sharded by sequence parallelism; train with "
                            "parallel.sequence_parallel 1, or extend without Self-Extend")
     model_dir = resolve_model(args.model)
+    if training is not None:
+        from longctx.models import read_json
+        from longctx.train.config import check_parallel_fits_model
+
+        check_parallel_fits_model(training[0].parallel, read_json(model_dir / "config.json"), str(args.model))
     result = extend_model(
         model_dir,
         args.output,

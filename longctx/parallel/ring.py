@@ -40,24 +40,6 @@ from longctx.parallel.zigzag import zigzag_global_indices
 
 BACKENDS = ("auto", "torch", "torch-math", "ring-flash-attn")
 
-_sequence_parallel_group = None
-
-
-def set_sequence_parallel_group(group) -> None:
-    """The process group the `longctx_ring` attention implementation rings over (None: the WORLD group).
-
-    transformers calls attention functions with its own arguments, so the group cannot be passed
-    per call; set it once after `dist.init_process_group` (e.g. a subgroup when sequence
-    parallelism is combined with data parallelism).
-    """
-    global _sequence_parallel_group
-    _sequence_parallel_group = group
-
-
-def get_sequence_parallel_group():
-    """The group set with set_sequence_parallel_group, or None (the WORLD group)."""
-    return _sequence_parallel_group
-
 
 class _Ring:
     """Neighbour exchange on a process group: send to rank+1, receive from rank-1."""
@@ -317,7 +299,7 @@ def flash_attn_available() -> bool:
     return True
 
 
-def _group_rank_and_size(group) -> tuple[int, int]:
+def group_rank_and_size(group) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise LongctxError("a process group was given but torch.distributed is not initialized; call dist.init_process_group first")
@@ -326,7 +308,7 @@ def _group_rank_and_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _check_local_shapes(q, k, v) -> None:
+def check_local_shapes(q, k, v) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise LongctxError("ring attention takes 4-D q, k, v tensors")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
@@ -359,10 +341,10 @@ def _check_same_shapes_across_ranks(q, k, v, group, packed: bool) -> bool:
     return any(int(t[-1]) for t in gathered)
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, causal: bool, packed: bool) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor, causal: bool, packed: bool, ring: bool) -> str:
     if backend not in BACKENDS:
         raise LongctxError(f"unknown ring attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    ring_flash_fits = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not packed
+    ring_flash_fits = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and causal and not packed and ring
     if backend == "ring-flash-attn":
         if not flash_attn_available():
             raise LongctxError(
@@ -371,8 +353,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, causal: bool, packed: bool) 
             )
         if not ring_flash_fits:
             raise LongctxError(
-                "backend 'ring-flash-attn' runs causal attention on CUDA fp16/bf16 tensors without packed documents; "
-                "use backend='torch' for this input"
+                "backend 'ring-flash-attn' runs causal attention on CUDA fp16/bf16 tensors without packed documents, "
+                "over a ring of 2 or more ranks; use backend='torch' for this input"
             )
         return backend
     if backend == "auto":
@@ -399,8 +381,16 @@ def document_starts(position_ids: torch.Tensor | None, seq_local: int, rank: int
 
 def ring_attention_bhsd(q, k, v, *, group=None, causal=True, softmax_scale=None, backend="auto", position_ids=None):
     """ring_attention on [batch, heads, seq_local, head_dim] tensors (the layout transformers passes)."""
-    _check_local_shapes(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    rank, world_size = _group_rank_and_size(group)
+    check_local_shapes(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    rank, world_size = group_rank_and_size(group)
+    return attention_over_ring(q, k, v, group, rank, world_size, causal=causal, softmax_scale=softmax_scale,
+                               backend=backend, position_ids=position_ids)
+
+
+def attention_over_ring(q, k, v, group, rank: int, world_size: int, *, causal=True, softmax_scale=None,
+                        backend="auto", position_ids=None):
+    """ring_attention_bhsd at a given place in the ring (rank of world_size in `group`; world_size 1:
+    this process alone, whatever `group` is), for callers that know it (the Ulysses hybrid)."""
     seq_local = q.shape[2]
     zigzag_layout = world_size == 1 or seq_local % 2 == 0  # an odd shard is refused below, on every rank
     doc_start = document_starts(position_ids, seq_local, rank, world_size, q.device) if zigzag_layout else None
@@ -421,7 +411,7 @@ def ring_attention_bhsd(q, k, v, *, group=None, causal=True, softmax_scale=None,
             "pass one document per sequence for non-causal attention"
         )
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    chosen = _resolve_backend(backend, q, causal, packed)
+    chosen = _resolve_backend(backend, q, causal, packed, ring=world_size > 1)
     if chosen == "ring-flash-attn":
         from ring_flash_attn import zigzag_ring_flash_attn_func
 

@@ -3,7 +3,8 @@
 `AttentionInterface` gets the attention function (query/key/value arrive as [batch, heads, seq,
 head_dim], already rotated with the position_ids the model was given). `AttentionMaskInterface`
 gets a mask function that builds no [seq, seq] mask: the causal structure comes from the zigzag
-layout and packed documents from position_ids, inside the ring.
+layout and packed documents from position_ids, inside the ring. The one name runs the ring, Ulysses
+or the hybrid, as the process groups set in groups.py say.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from longctx.errors import LongctxError
-from longctx.parallel.ring import get_sequence_parallel_group, ring_attention_bhsd
+from longctx.parallel.groups import get_sequence_parallel_groups
+from longctx.parallel.ring import ring_attention_bhsd
+from longctx.parallel.ulysses import ulysses_attention_bhsd
 
 ATTENTION_NAME = "longctx_ring"
 
@@ -43,13 +46,12 @@ def longctx_ring_attention_forward(
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     query, key, value = _as_sdpa_would(query, key, value)
-    out = ring_attention_bhsd(
-        query, key, value,
-        group=get_sequence_parallel_group(),
-        causal=causal,
-        softmax_scale=scaling,
-        position_ids=kwargs.get("position_ids"),
-    )
+    groups = get_sequence_parallel_groups()
+    settings = dict(causal=causal, softmax_scale=scaling, position_ids=kwargs.get("position_ids"))
+    if groups.ulysses is None:
+        out = ring_attention_bhsd(query, key, value, group=groups.ring, **settings)
+    else:
+        out = ulysses_attention_bhsd(query, key, value, group=groups.ulysses, ring_group=groups.ring, **settings)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -7,7 +7,7 @@
     precision: float32                  # float32 | bfloat16 (autocast; master weights stay float32)
     activation_checkpointing: true
     loss_chunk_size: 4096               # tokens per chunk of the chunked cross-entropy; 0 = plain loss
-    parallel: {sequence_parallel: 1}    # data parallel over the remaining ranks
+    parallel: {sequence_parallel: 1, ulysses: 1}  # ulysses: all-to-all degree (divides sequence_parallel); data parallel over the remaining ranks
     data: {source: synthetic-passkey}   # or {source: files, paths: [corpus/*.jsonl]}
     stages:
       - seq_len: 16k
@@ -96,6 +96,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     sequence_parallel: int = 1
+    ulysses: int = 1  # 1: the ring alone; sequence_parallel: Ulysses alone; between: Ulysses groups, ring across them
 
 
 @dataclass
@@ -334,6 +335,12 @@ def _validate(config: TrainConfig) -> None:
     sp = config.parallel.sequence_parallel
     if sp < 1:
         raise LongctxError(f"parallel.sequence_parallel must be 1 or more, got {sp}")
+    ulysses = config.parallel.ulysses
+    if ulysses < 1 or sp % ulysses:
+        raise LongctxError(
+            f"parallel.ulysses {ulysses} does not divide sequence_parallel {sp}; choose a divisor of it "
+            "(1: the ring alone, sequence_parallel: Ulysses alone, between: Ulysses groups with a ring across them)"
+        )
     for i, stage in enumerate(config.stages):
         if sp > 1 and stage.seq_len % (2 * sp):
             raise LongctxError(
@@ -346,6 +353,17 @@ def _validate(config: TrainConfig) -> None:
         raise LongctxError(f"lora.r must be 1 or more, got {config.lora.r}")
     if len(config.optimizer.betas) != 2:
         raise LongctxError("optimizer.betas must be two numbers, e.g. [0.9, 0.95]")
+
+
+def check_parallel_fits_model(parallel: ParallelConfig, model_config: dict, model: str) -> None:
+    """The model's query heads split over the Ulysses degree (checked before any work; the KV heads
+    need not: Ulysses repeats them as needed)."""
+    heads = model_config.get("num_attention_heads")
+    if parallel.ulysses > 1 and isinstance(heads, int) and heads % parallel.ulysses:
+        raise LongctxError(
+            f"{model} has {heads} query heads, which parallel.ulysses {parallel.ulysses} cannot split; choose a "
+            f"ulysses degree that divides {heads} (the ring takes the rest of sequence_parallel)"
+        )
 
 
 def resolve_data_files(paths: list[str]) -> list[str]:

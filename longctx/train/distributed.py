@@ -46,8 +46,10 @@ def check_world(sequence_parallel: int) -> int:
     return world_size
 
 
-def setup_runtime(sequence_parallel: int) -> Runtime:
-    """Read torchrun's environment; one process returns a Runtime without touching torch.distributed."""
+def setup_runtime(sequence_parallel: int, ulysses: int = 1) -> Runtime:
+    """Read torchrun's environment; one process returns a Runtime without touching torch.distributed.
+    With sequence parallelism, sets the groups `longctx_ring` runs over: Ulysses groups of `ulysses`
+    ranks and the ring across them (longctx.parallel.groups)."""
     world_size = check_world(sequence_parallel)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     if world_size == 1:
@@ -65,7 +67,7 @@ def setup_runtime(sequence_parallel: int) -> Runtime:
     if sequence_parallel > 1:
         import longctx.parallel
 
-        longctx.parallel.set_sequence_parallel_group(sp_group)
+        longctx.parallel.set_sequence_parallel_groups(longctx.parallel.new_sequence_parallel_groups(sequence_parallel, ulysses))
     return Runtime(
         rank=rank,
         world_size=world_size,

@@ -31,7 +31,7 @@ from longctx.errors import LongctxError
 from longctx.models.dtypes import DTYPE_NAMES, torch_dtype
 from longctx.labels import IGNORE_INDEX
 from longctx.train import checkpoint as ckpt
-from longctx.train.config import StageConfig, TrainConfig
+from longctx.train.config import StageConfig, TrainConfig, check_parallel_fits_model
 from longctx.train.data import BatchStream, packed_rows
 from longctx.train.distributed import Runtime, check_world, setup_runtime, shard_module
 from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
@@ -220,9 +220,10 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
     from longctx.models import read_json, resolve_model
 
     start = check_run(config, paths, resume=resume, overwrite=overwrite, inputs=inputs)  # before the first write
-    runtime = setup_runtime(config.parallel.sequence_parallel)
+    runtime = setup_runtime(config.parallel.sequence_parallel, config.parallel.ulysses)
     model_dir = resolve_model(config.model)
     base_config = read_json(model_dir / "config.json")
+    check_parallel_fits_model(config.parallel, base_config, config.model)
     ropes = [stage_rope(base_config, stage) for stage in config.stages]  # plan every stage before any work
     model, tokenizer = load_model(model_dir, config, runtime, allow_pickle=allow_pickle)
     _prepare_checkpoint_dir(paths, start, overwrite=overwrite, runtime=runtime)
@@ -358,6 +359,7 @@ def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, ove
         raise LongctxError("--resume continues the run in the checkpoint directory and --overwrite discards it; "
                            "pass one of them")
     check_world(config.parallel.sequence_parallel)
+    _check_parallel_fits(config)
     inputs = {**run_inputs(config), **(inputs or {})}
     check_output_free(paths.output, overwrite, inputs=inputs)
     check_output_free(paths.checkpoints, True, inputs=inputs)  # may exist: --resume continues it
@@ -383,6 +385,17 @@ def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, ove
             "use the config the run started with, or --overwrite to start over"
         )
     return Resume(ckpt.TrainState.from_json(state), state_dir)
+
+
+def _check_parallel_fits(config: TrainConfig) -> None:
+    """check_parallel_fits_model on a model whose config.json is on disk already (run_training checks
+    the others once they are resolved)."""
+    from longctx.models import read_json
+    from longctx.models.reference import reference_path
+
+    path = reference_path(config.model)
+    if path is not None and (path / "config.json").is_file():
+        check_parallel_fits_model(config.parallel, read_json(path / "config.json"), config.model)
 
 
 def stage_plan(config: TrainConfig) -> list[dict]:
@@ -429,6 +442,7 @@ def _metadata(config: TrainConfig, schedule: list[dict], model_dir: Path, rope: 
         "mode": config.mode,
         "precision": config.precision,
         "sequence_parallel": config.parallel.sequence_parallel,
+        "ulysses": config.parallel.ulysses,
         "seed": config.seed,
         "stages": schedule,
     }
