@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.parallel.ulysses import kv_head_repeats
 from longctx.train.config import StageConfig, TrainConfig
 from longctx.units import format_token_total
 
@@ -259,6 +260,20 @@ def ring_buffers_per_token(shape: ModelShape) -> int:
     return FLOAT32 * shape.head_dim * (2 * shape.heads + 5 * shape.kv_heads)
 
 
+def sequence_parallel_buffers_per_token(shape: ModelShape, compute: int, sp: int, ulysses: int) -> int:
+    """The ring's buffers over sp / ulysses ranks (each holding ulysses x the local tokens, with
+    heads / ulysses query heads), plus Ulysses' all-to-all copies of q, K, V (repeated) and the output."""
+    if sp == 1:
+        return 0
+    repeats = kv_head_repeats(shape.kv_heads, ulysses) if ulysses > 1 else 1
+    per_token = 0
+    if sp // ulysses > 1:
+        per_token += ring_buffers_per_token(dataclasses.replace(shape, kv_heads=shape.kv_heads * repeats))
+    if ulysses > 1:
+        per_token += compute * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads * repeats)
+    return per_token
+
+
 # --- the estimate -----------------------------------------------------------------------------------
 
 
@@ -276,6 +291,10 @@ def estimate_stage(index: int, stage: StageConfig, config: TrainConfig, shape: M
     attention = "sdpa" if sp > 1 else "sdpa-masked"
     bool_mask = stage.seq_len**2 * stage.batch_size if attention == "sdpa-masked" else 0
     saved = layer_saved_per_token(shape, compute, attention) * tokens + bool_mask * compute
+    ulysses = config.parallel.ulysses
+    repeats = kv_head_repeats(shape.kv_heads, ulysses) if ulysses > 1 else 1
+    kv = shape.kv_heads * shape.head_dim
+    saved += 2 * compute * kv * (repeats - 1) * tokens  # Ulysses' repeated K and V (parallel/ulysses.py)
     working = layer_backward_working_per_token(shape, compute) * tokens
     weight_casts = compute * layout.gathered_layer // FLOAT32 if compute != FLOAT32 else 0  # autocast's copies
     if config.activation_checkpointing:
@@ -289,7 +308,7 @@ def estimate_stage(index: int, stage: StageConfig, config: TrainConfig, shape: M
     final = 3 * FLOAT32 * shape.hidden * tokens  # the final norm's input and output, the loss's gathered copy
     chunk = min(config.loss_chunk_size or tokens, tokens)
     loss = loss_chunk_peak(shape, chunk, compute)
-    ring = ring_buffers_per_token(shape) * tokens if sp > 1 else 0
+    ring = sequence_parallel_buffers_per_token(shape, compute, sp, ulysses) * tokens
 
     base_parameters = layout.local_parameters
     optimizer = ADAM_STATES * layout.local_trainable
