@@ -243,11 +243,11 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
         optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(runtime.dp_size))
         if start and index == start.state.stage:
             ckpt.load_training_state(start.directory, module=module, optimizer=optimizer, scheduler=scheduler,
-                                     distributed=runtime.distributed, rank=runtime.rank)
+                                     rank=runtime.rank, world_size=runtime.world_size)
             log.info("resuming stage %d at step %d from %s", index + 1, state.step, start.directory)
         else:
             if start and index == start.state.stage + 1:  # the saved run had just finished the stage before
-                ckpt.load_model_weights(start.directory, module, runtime.distributed)
+                ckpt.load_model_weights(start.directory, module, runtime.world_size)
             state.start_stage(index)
         start = None
         taken = run_stage(run, state, stage, ropes[index], optimizer, scheduler, steps_left)
@@ -417,6 +417,7 @@ def _prepare_checkpoint_dir(paths: RunPaths, start: Resume | None, *, overwrite:
         dist.barrier()
     if runtime.is_main:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_states(paths.checkpoints)
         if start is None:
             (paths.checkpoints / ckpt.METRICS).unlink(missing_ok=True)
         else:
@@ -428,8 +429,7 @@ def _save_state(run: Run, state: ckpt.TrainState, optimizer, scheduler) -> None:
     trainer_state = state.to_json(seed=run.config.seed, world_size=runtime.world_size, stages=stage_plan(run.config))
     ckpt.save_training_state(
         run.paths.checkpoints, module=run.module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
-        distributed=runtime.distributed, rank=runtime.rank, world_size=runtime.world_size,
-        keep=run.config.logging.keep_checkpoints,
+        rank=runtime.rank, world_size=runtime.world_size, keep=run.config.logging.keep_checkpoints,
     )
 
 
