@@ -40,21 +40,12 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
-from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json, write_safetensors
+from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json
 from longctx.models.output import TEMPORARY_NAME, remove_stale_temporaries, set_model_max_length
 
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
 DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's metadata file: a state directory is one of DCP's
-
-
-def full_model_state(module: torch.nn.Module, distributed: bool) -> dict[str, torch.Tensor]:
-    """The module's full (unsharded) state dict on CPU; every rank must call this under FSDP."""
-    if not distributed:
-        return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # --- RNG -------------------------------------------------------------------------------------------
@@ -257,58 +248,78 @@ def load_model_weights(state_dir: Path, module, world_size: int) -> None:
 # --- model directories -------------------------------------------------------------------------
 
 
-def hf_state_dict(module_state: dict[str, torch.Tensor], *, lora_scaling: float | None) -> dict[str, torch.Tensor]:
-    """The trained module's state under transformers' names, LoRA merged into the base weights.
+def hf_export_plan(module_state: dict, *, tied: bool) -> dict[str, tuple[str, str | None, str | None]]:
+    """Each tensor of the exported model under transformers' names -> (its module name, and the
+    LoRA A and B module names merged into it, or None).
 
     Module names are `model.<causal lm names>` (CausalLMLoss), or with PEFT
     `model.base_model.model.<names>` where a LoRA-wrapped linear holds `base_layer.weight`,
-    `lora_A.default.weight` and `lora_B.default.weight`: merged as W + scaling * B @ A.
+    `lora_A.default.weight` and `lora_B.default.weight`: merged as W + scaling * B @ A. A tied
+    lm_head is left out (transformers ties it on load).
     """
-    state = {name.removeprefix("model."): tensor for name, tensor in module_state.items()}
-    if any(name.startswith("base_model.model.") for name in state):
-        state = {name.removeprefix("base_model.model."): tensor for name, tensor in state.items()}
-    merged = {}
-    for name, tensor in state.items():
-        if ".lora_A." in name or ".lora_B." in name or ".lora_dropout" in name:
+    plan = {}
+    for name in module_state:
+        short = name.removeprefix("model.").removeprefix("base_model.model.")
+        if ".lora_A." in short or ".lora_B." in short or ".lora_dropout" in short:
             continue
-        if ".base_layer." in name:
-            prefix, _, leaf = name.partition(".base_layer.")
-            if leaf == "weight":
-                lora_a = state.get(f"{prefix}.lora_A.default.weight")
-                lora_b = state.get(f"{prefix}.lora_B.default.weight")
-                if lora_a is not None and lora_b is not None:
-                    delta = (lora_b.float() @ lora_a.float()) * float(lora_scaling)
-                    tensor = (tensor.float() + delta).to(tensor.dtype)
-            name = f"{prefix}.{leaf}"
-        merged[name] = tensor
-    return merged
+        lora_a = lora_b = None
+        if ".base_layer." in short:
+            prefix, _, leaf = short.partition(".base_layer.")
+            owner = name[: len(name) - len(short)] + prefix
+            if leaf == "weight" and f"{owner}.lora_A.default.weight" in module_state:
+                lora_a, lora_b = f"{owner}.lora_A.default.weight", f"{owner}.lora_B.default.weight"
+            short = f"{prefix}.{leaf}"
+        if not (tied and short == "lm_head.weight"):
+            plan[short] = (name, lora_a, lora_b)
+    return plan
 
 
-def write_model_dir(
-    dest: Path,
-    *,
-    weights: dict[str, torch.Tensor],
-    config,
-    source_dir: Path,
-    metadata: dict,
-    overwrite: bool = True,
-    extra_files: dict[str, Path] | None = None,
-) -> Path:
-    """A save_pretrained-style model directory: sharded safetensors, config, tokenizer, longctx.json."""
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter as one tensor: a DTensor shard is gathered (collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+def hf_tensors(module_state: dict, plan: dict, *, lora_scaling: float | None, dtype: torch.dtype):
+    """Yield (name, tensor) of the exported model one at a time, each gathered from its shards just
+    before it is yielded (collective under FSDP: every rank iterates it in the same order)."""
+    for name, (source, lora_a, lora_b) in plan.items():
+        tensor = _whole(module_state[source])
+        if lora_a is not None:
+            delta = (_whole(module_state[lora_b]).float() @ _whole(module_state[lora_a]).float()) * float(lora_scaling)
+            tensor = (tensor.float() + delta).to(tensor.dtype)
+        yield name, tensor.to(dtype)
+
+
+def export_model_dir(dest: Path, module, *, config, source_dir: Path, metadata: dict, dtype: torch.dtype,
+                     lora_scaling: float | None, rank: int, world_size: int) -> None:
+    """A save_pretrained-style model directory (sharded safetensors, config, tokenizer, longctx.json)
+    of the trained module, streamed: one parameter at a time is gathered, written by rank 0 through
+    SafetensorsWriter, and dropped. Collective: every rank calls it."""
     from longctx.models.metadata import write_metadata
+    from longctx.models.writer import SafetensorsWriter
 
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    with atomic_output_dir(dest, overwrite=overwrite) as tmp:
-        write_safetensors(tmp, {name: tensor for name, tensor in weights.items() if not (tied and name == "lm_head.weight")})
-        config.save_pretrained(tmp)
-        copy_auxiliary_files(source_dir, tmp)
-        if config.max_position_embeddings != read_json(Path(source_dir) / "config.json").get("max_position_embeddings"):
-            set_model_max_length(tmp, config.max_position_embeddings)
-        write_metadata(tmp, **metadata)
-        for name, path in (extra_files or {}).items():
-            if Path(path).is_file():
-                shutil.copy2(path, tmp / name)
-    return dest
+    module_state = module.state_dict()  # under FSDP2 the shards this rank holds (DTensors)
+    plan = hf_export_plan(module_state, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    tensors = hf_tensors(module_state, plan, lora_scaling=lora_scaling, dtype=dtype)
+    if rank == 0:
+        layout = {name: (tuple(module_state[source].shape), dtype) for name, (source, _, _) in plan.items()}
+        with atomic_output_dir(dest, overwrite=True) as tmp:
+            with SafetensorsWriter(tmp, layout) as writer:
+                for name, tensor in tensors:
+                    writer.write(name, tensor)
+            config.save_pretrained(tmp)
+            copy_auxiliary_files(source_dir, tmp)
+            if config.max_position_embeddings != read_json(Path(source_dir) / "config.json").get("max_position_embeddings"):
+                set_model_max_length(tmp, config.max_position_embeddings)
+            write_metadata(tmp, **metadata)
+    else:
+        for _ in tensors:  # take part in each gather
+            pass
+    dist = _collective(world_size)
+    if dist:
+        dist.barrier()
 
 
 # --- metrics log ---------------------------------------------------------------------------------

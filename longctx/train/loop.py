@@ -449,23 +449,17 @@ def _metadata(config: TrainConfig, schedule: list[dict], model_dir: Path, rope: 
 
 
 def _export_model(run: Run, dest: Path, schedule: list[dict]) -> None:
-    """Write the stage's model directory (collective under FSDP; rank 0 writes)."""
+    """Write the stage's model directory (collective under FSDP: parameters are gathered one by one, rank 0 writes)."""
     config, runtime = run.config, run.runtime
-    state = ckpt.full_model_state(run.module, runtime.distributed)
-    if runtime.is_main:
-        scaling = config.lora.alpha / config.lora.r if config.mode == "lora" else None
-        causal_lm = unwrap_causal_lm(run.model)
-        saved_dtype = source_dtype(run.model_dir)
-        weights = {name: tensor.to(saved_dtype) for name, tensor in ckpt.hf_state_dict(state, lora_scaling=scaling).items()}
-        causal_lm.config.dtype = saved_dtype
-        rope = {"rope_parameters": causal_lm.config.rope_parameters,
-                "max_position_embeddings": causal_lm.config.max_position_embeddings}
-        ckpt.write_model_dir(dest, weights=weights, config=causal_lm.config, source_dir=run.model_dir,
-                             metadata=_metadata(config, schedule, run.model_dir, rope))
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
+    causal_lm = unwrap_causal_lm(run.model)
+    saved_dtype = source_dtype(run.model_dir)
+    causal_lm.config.dtype = saved_dtype
+    rope = {"rope_parameters": causal_lm.config.rope_parameters,
+            "max_position_embeddings": causal_lm.config.max_position_embeddings}
+    ckpt.export_model_dir(dest, run.module, config=causal_lm.config, source_dir=run.model_dir,
+                          metadata=_metadata(config, schedule, run.model_dir, rope), dtype=saved_dtype,
+                          lora_scaling=config.lora.alpha / config.lora.r if config.mode == "lora" else None,
+                          rank=runtime.rank, world_size=runtime.world_size)
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:
