@@ -3,8 +3,9 @@
 Each kill runs the command in a forked child in which one function is wrapped to SIGKILL the
 process on its k-th call: a write of bytes to a safetensors shard (killed half-way through the
 bytes: mid-shard), the rename of a file or directory into place, an appended needle result (killed
-half-way through the line), a training step. k is drawn with a fixed seed from the calls that an
-uninterrupted in-process run of the same command made. After each kill: no output is visible
+half-way through the line), a training step, a tensor written into a training state by
+torch.distributed.checkpoint. k is drawn with a fixed seed from the calls that an uninterrupted
+in-process run of the same command made. After each kill: no output is visible
 (atomic outputs) or only whole results are (needle's resumable output), the inputs are
 byte-identical, and a rerun (--resume where the command has it) removes what the killed writer
 left, says so, and gives the same result as the uninterrupted run.
@@ -256,6 +257,8 @@ def test_needle_killed_mid_result_or_at_its_start_resumes_to_the_same_scores(tmp
 
 
 def test_train_killed_at_a_step_or_mid_checkpoint_resumes_to_the_same_model(tmp_path, models, monkeypatch):
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
     import longctx.train.loop as loop
 
     corpus = tmp_path / "docs.jsonl"
@@ -271,7 +274,8 @@ def test_train_killed_at_a_step_or_mid_checkpoint_resumes_to_the_same_model(tmp_
         }))
         return ["train", "--config", str(path), "--no-progress"]
 
-    points = [Point("step", loop, "train_step"), SHARD_WRITE]
+    # state-write: a tensor written into a state's temporary directory by torch.distributed.checkpoint
+    points = [Point("step", loop, "train_step"), SHARD_WRITE, Point("state-write", dcp_filesystem, "_write_item")]
     calls = {point.name: point.count_calls(monkeypatch) for point in points}
     assert main(config_for(tmp_path / "reference")) == 0
     monkeypatch.undo()

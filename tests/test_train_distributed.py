@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,7 +133,8 @@ def one_training_step(model_dir, batch, sequence_parallel, ulysses=1):
     """longctx's own step (load_model, CausalLMLoss, FSDP2 and ring attention (or Ulysses, or the hybrid)
     under sequence parallelism, train_step) with SGD at learning rate 1: returns (loss, the parameter
     update) on rank 0."""
-    from longctx.train import checkpoint as ckpt
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from longctx.train.distributed import setup_runtime, shard_module
     from longctx.train.loop import load_model, train_step
     from longctx.train.loss import CausalLMLoss
@@ -140,13 +142,13 @@ def one_training_step(model_dir, batch, sequence_parallel, ulysses=1):
     runtime = setup_runtime(sequence_parallel, ulysses)
     model, _ = load_model(model_dir, step_config(model_dir, sequence_parallel, ulysses), runtime)
     module = CausalLMLoss(model, chunk_size=48)
-    before = {name: tensor.clone() for name, tensor in ckpt.full_model_state(module, distributed=False).items()}
+    before = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
     if runtime.distributed:
         shard_module(module, runtime)
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss = train_step(module, optimizer, scheduler, [batch], runtime, grad_clip=0.0)
-    after = ckpt.full_model_state(module, runtime.distributed)
+    after = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not runtime.is_main:
         return loss, None
     return loss, {name.removeprefix("model."): before[name] - after[name] for name in before}
@@ -182,3 +184,143 @@ def test_packed_documents_stay_apart_in_a_training_step_on_one_and_two_ranks(tmp
     loss, update = one_training_step(model_dir, batch, sequence_parallel=1)
     assert_update_is(update, expected_loss, expected_grads, loss)
     run_ranks(2, _two_rank_step, model_dir, batch, expected_loss, expected_grads)
+
+
+# --- sharded checkpoints: resume on the same world size and on others ------------------------------
+
+
+def resume_config(directory, model, corpus, sequence_parallel):
+    """One stage, a state every 2 steps; one data-parallel replica at every world size (the ranks
+    form one sequence-parallel group), so every world size trains on the same global batch."""
+    return {
+        "model": str(model), "output": str(directory / "out"), "checkpoint_dir": str(directory / "checkpoints"),
+        "seed": 4, "loss_chunk_size": 48, "parallel": {"sequence_parallel": sequence_parallel},
+        "data": {"source": "files", "paths": [str(corpus)]}, "logging": {"checkpoint_every": 2},
+        "stages": [{"seq_len": 64, "steps": 5, "learning_rate": 3e-3, "batch_size": 2}],
+    }
+
+
+def only_shards_reach_dcp():
+    """Make this (forked) rank fail if a tensor of the model or of its optimizer state reaches
+    dcp.save or dcp.load whole: FSDP2 holds every one as a DTensor sharded over the ranks."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from longctx.train import checkpoint as ckpt
+
+    dcp = ckpt._dcp
+
+    def checked(operation, tensors, path, world_size):
+        for group in ("model", "optimizer"):
+            for name, value in (tensors.get(group) or {}).items():
+                for key, tensor in (value.items() if isinstance(value, dict) else [("", value)]):
+                    if tensor.dim():  # (AdamW's step is a replicated scalar)
+                        assert isinstance(tensor, DTensor) and isinstance(tensor.placements[0], Shard), \
+                            f"{operation}: {group} {name} {key} is whole"
+        return dcp(operation, tensors, path, world_size)
+
+    ckpt._dcp = checked
+
+
+def last_rank_writes_late(rank, world_size):
+    """Delay the last rank's RNG file: rank 0 must wait for it before it publishes a state."""
+    import time
+
+    from longctx.train import checkpoint as ckpt
+
+    if rank == world_size - 1:
+        rng_state = ckpt.rng_state
+        ckpt.rng_state = lambda: (time.sleep(0.2), rng_state())[1]
+
+
+def export_streams_one_tensor_at_a_time():
+    """Make this (forked) rank fail if the model export holds more than a few gathered parameters
+    at once (a LoRA merge holds three: the weight, A and B)."""
+    import weakref
+
+    from longctx.train import checkpoint as ckpt
+
+    whole, alive = ckpt._whole, []
+
+    def counted(tensor):
+        alive[:] = [ref for ref in alive if ref() is not None]
+        assert len(alive) < 4, f"{len(alive)} gathered parameters alive at once"
+        gathered = whole(tensor)
+        alive.append(weakref.ref(gathered))
+        return gathered
+
+    ckpt._whole = counted
+
+
+def train_ranks(rank, world_size, raw, resume=False, stop_after_steps=None):
+    """run_training on one rank of world_size (world_size 1: this process, no torch.distributed)."""
+    from longctx.train.config import parse_config
+    from longctx.train.loop import RunPaths, run_training
+
+    os.environ["WORLD_SIZE"] = str(world_size)  # what torchrun sets; setup_runtime reads it
+    if world_size > 1:
+        only_shards_reach_dcp()
+        last_rank_writes_late(rank, world_size)
+        export_streams_one_tensor_at_a_time()
+    config = parse_config(raw)
+    run_training(config, RunPaths(Path(config.output), Path(config.checkpoint_dir)), resume=resume,
+                 stop_after_steps=stop_after_steps, progress=False)
+
+
+def train_on(world_size, raw, resume=False, stop_after_steps=None):
+    from test_parallel_ring import run_ranks
+
+    if world_size == 1:
+        train_ranks(0, 1, raw, resume, stop_after_steps)
+        os.environ.pop("WORLD_SIZE")
+    else:
+        run_ranks(world_size, train_ranks, raw, resume, stop_after_steps)
+
+
+def run_losses(directory):
+    return [(m["global_step"], m["loss"]) for m in read_metrics(directory / "checkpoints" / "metrics.jsonl") if "loss" in m]
+
+
+def test_sharded_state_resumes_exactly_on_two_ranks_and_within_1e5_on_one_and_four(tmp_path, tiny_llama, corpus):
+    """Saved by 2 ranks (FSDP2: each writes its half of the model and optimizer), resumed on 2 ranks
+    bit-exact, and on 1 and 4 ranks (DCP reshards) with the uninterrupted run's losses within 1e-5;
+    the model directory, gathered one parameter at a time, loads in transformers with the weights
+    of the last sharded state."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "whole"
+    train_on(2, resume_config(whole, tiny_llama, corpus, 2))
+    cut = tmp_path / "cut"
+    train_on(2, resume_config(cut, tiny_llama, corpus, 2), stop_after_steps=3)  # the state of step 2 survives
+    state = cut / "checkpoints" / "state-00000002"
+    assert sorted(p.name for p in state.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "optimizer.json", "rng-0.json", "rng-1.json", "trainer_state.json"]
+    sizes = [(state / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
+    assert max(sizes) < 0.7 * sum(sizes)  # each rank wrote its own shards, not the whole state
+    # the streamed export loads in transformers and holds the weights of the run's last (sharded) state
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    dcp_to_torch_save(whole / "checkpoints" / "state-00000005", tmp_path / "final.pt")
+    final = torch.load(tmp_path / "final.pt", weights_only=True)["model"]
+    exported = AutoModelForCausalLM.from_pretrained(whole / "out").state_dict()
+    assert {f"model.{name}" for name in exported} == set(final)
+    assert all(torch.equal(tensor, final[f"model.{name}"]) for name, tensor in exported.items())
+    expected = run_losses(whole)
+    assert [step for step, _ in expected] == [1, 2, 3, 4, 5]
+    whole_weights = load_file(whole / "out" / "model.safetensors")
+    for world_size in (2, 1, 4):
+        resumed = tmp_path / f"resumed-{world_size}"
+        shutil.copytree(cut, resumed)
+        train_on(world_size, resume_config(resumed, tiny_llama, corpus, world_size), resume=True)
+        got = run_losses(resumed)
+        assert [step for step, _ in got] == [1, 2, 3, 4, 5]
+        weights = load_file(resumed / "out" / "model.safetensors")
+        if world_size == 2:
+            assert got == expected
+            assert all(torch.equal(weights[name], tensor) for name, tensor in whole_weights.items())
+        else:
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
+            for name, tensor in whole_weights.items():
+                torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,8 +1,8 @@
 """The one safetensors writer: save_pretrained-style files written one tensor at a time.
 
 Every safetensors file longctx writes goes through `SafetensorsWriter`: merged models,
-extracted and combined adapters, models converted from GGUF, trained models and training
-checkpoints. The output is
+extracted and combined adapters, models converted from GGUF, trained models (a training run's
+resumable states are torch.distributed.checkpoint's, train/checkpoint.py). The output is
 what save_pretrained writes: one `model.safetensors`, or shards
 `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`; a shard is closed
 before a tensor would take it past max_shard_bytes. Each file has the standard layout: the

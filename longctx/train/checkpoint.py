@@ -4,89 +4,51 @@ The checkpoint directory (default `<output>-checkpoints`) holds
 
     metrics.jsonl                one JSON line per logged step and per finished stage
     state-<global step>/         resumable: weights, optimizer, scheduler, data position, RNG
-        model.safetensors        the trained module's full state (names as in the module)
-        optimizer.pt             optimizer + scheduler state (loaded with weights_only=True)
-        rng.json                 torch / python / numpy (/ cuda) RNG states of every rank
-        trainer_state.json       stage, step, data position, tokens seen, schedule so far
+        .metadata                torch.distributed.checkpoint's index: every tensor's global shape and its pieces
+        __<rank>_0.distcp        the model's and the optimizer's tensors as rank <rank> held them (its FSDP shards)
+        optimizer.json           the optimizer's param_groups and the scheduler's state (plain values)
+        rng-<rank>.json          torch / python / numpy (/ cuda) RNG states of rank <rank>
+        trainer_state.json       TrainState (stage, step, data position, tokens, schedule) and the run's seed, world size, stage plan
     latest.json                  which state-* directory is the newest complete one
     stage-<i>-<seq_len>/         a model directory (save_pretrained layout) at the end of stage i
 
-A state directory is written through atomic_output_dir and named in latest.json only
-once complete, so a kill during a save leaves the previous one in force.
+A state is saved with torch.distributed.checkpoint (DCP), as torchtitan saves one: every rank
+writes only the shards it holds (`get_state_dict`, sharded), and loading reads into the shards
+the loading ranks hold, whatever the world size that saved them (DCP reshards). Only tensors go
+through DCP; everything else is JSON, so that loading a state unpickles nothing but DCP's index.
+Every rank writes into one temporary directory beside the destination; after a barrier rank 0
+renames it into place (atomic_output_dir) and names it in latest.json, so a kill during a save
+leaves the previous state in force.
+
+On another world size, the model and optimizer are resharded by DCP; the data position is
+global (rows of the stage's stream consumed, and where the next row starts), so it carries over
+as it is; the RNG states are per rank and do not: each rank seeds its generators from (seed,
+global step, rank) instead (`derived_rng`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
-from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json, write_safetensors
-from longctx.models.output import set_model_max_length
+from longctx.models import atomic_output_dir, copy_auxiliary_files, read_json, write_json
+from longctx.models.output import TEMPORARY_NAME, remove_stale_temporaries, set_model_max_length
 
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's metadata file: a state directory is one of DCP's
 
 
-# --- state dicts across the single-process and FSDP paths --------------------------------
-
-
-def full_model_state(module: torch.nn.Module, distributed: bool) -> dict[str, torch.Tensor]:
-    """The module's full (unsharded) state dict on CPU; every rank must call this under FSDP."""
-    if not distributed:
-        return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], distributed: bool) -> None:
-    if not distributed:
-        module.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
-
-
-def full_optimizer_state(module, optimizer, distributed: bool) -> dict:
-    if not distributed:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(module, optimizer, state: dict, distributed: bool) -> None:
-    if not distributed:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _unique_storage(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses shared tensors (tied embeddings): keep one name per storage, record the aliases."""
-    unique, aliases, seen = {}, {}, {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = tensor.contiguous()
-    return unique, aliases
-
-
-# --- resumable state -------------------------------------------------------------------------
+# --- RNG -------------------------------------------------------------------------------------------
 
 
 def rng_state() -> dict:
@@ -113,51 +75,102 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save_training_state(
-    checkpoint_dir: Path,
-    *,
-    module,
-    optimizer,
-    scheduler,
-    trainer_state: dict,
-    distributed: bool,
-    rank: int,
-    world_size: int,
-    keep: int = 1,
-) -> Path | None:
-    """Write state-<global step>/ (collective under FSDP: every rank calls it). Returns its path on rank 0."""
-    model_state = full_model_state(module, distributed)
-    optimizer_state = full_optimizer_state(module, optimizer, distributed)
-    rngs = [rng_state()]
-    if distributed:
-        import torch.distributed as dist
+def derived_rng(seed: int, global_step: int, rank: int) -> None:
+    """Seed torch (and CUDA), python and numpy from (seed, global step, rank): a rank's RNG on a
+    resume at another world size, where the saved per-rank states do not map onto the new ranks."""
+    value = random.Random(f"{seed}:{global_step}:{rank}").getrandbits(63)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
 
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
-    path = None
+
+# --- resumable state -------------------------------------------------------------------------------
+
+
+def _collective(world_size: int):
+    import torch.distributed as dist
+
+    return dist if world_size > 1 else None
+
+
+def _dcp(operation: str, tensors: dict, path: Path, world_size: int) -> None:
+    """dcp.save or dcp.load of tensors at path; one process runs it without torch.distributed."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # DCP warns on every single-process call that it is one
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        getattr(dcp, operation)(tensors, checkpoint_id=path, no_dist=world_size == 1)
+
+
+def sharded_state(module, optimizer) -> tuple[dict, dict]:
+    """The tensors this rank holds ({"model": ..., "optimizer": ...}, sharded DTensors under FSDP2;
+    what DCP saves and loads into) and the optimizer's param_groups (plain values).
+
+    A fresh optimizer has no state yet: get_state_dict gives it one (a step at learning rate 0),
+    so a load has tensors to read into.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    tensors = {"model": model_state, "optimizer": optimizer_state["state"]}
+    for name, values in optimizer_state["state"].items():
+        kinds = {key: type(value).__name__ for key, value in values.items() if not isinstance(value, torch.Tensor)}
+        if kinds:  # DCP would pickle them, and a load would unpickle them with weights_only=False
+            raise TypeError(f"optimizer state of {name} holds values that are not tensors: {kinds}")
+    return tensors, optimizer_state["param_groups"]
+
+
+@contextlib.contextmanager
+def published_by_rank0(dest: Path, rank: int, world_size: int):
+    """Yield one temporary directory beside dest to every rank; when each rank has left the block
+    (a barrier), rank 0 renames it to dest. Collective: every rank enters it."""
+    dist = _collective(world_size)
     if rank == 0:
-        name = f"state-{trainer_state['global_step']:08d}"
-        with atomic_output_dir(checkpoint_dir / name, overwrite=True) as tmp:
-            unique, aliases = _unique_storage(model_state)
-            write_safetensors(tmp, unique, max_shard_bytes=None, metadata={"aliases": json.dumps(aliases)})
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-            write_json(tmp / "rng.json", {"ranks": rngs})
-            write_json(tmp / "trainer_state.json", trainer_state)
-        write_json(checkpoint_dir / LATEST, {"state": name})
-        _prune(checkpoint_dir, keep)
-        path = checkpoint_dir / name
-    if distributed:
-        import torch.distributed as dist
-
+        with atomic_output_dir(dest, overwrite=True) as tmp:
+            if dist:
+                dist.broadcast_object_list([str(tmp)], src=0)
+            yield tmp
+            if dist:
+                dist.barrier()  # every rank's files are in tmp: only now may it become dest
+    else:
+        shared = [None]
+        dist.broadcast_object_list(shared, src=0)
+        yield Path(shared[0])
         dist.barrier()
-    return path
+
+
+def save_training_state(checkpoint_dir: Path, *, module, optimizer, scheduler, trainer_state: dict, rank: int,
+                        world_size: int, keep: int = 1) -> Path:
+    """Write state-<global step>/ (collective: every rank calls it and writes its own shards)."""
+    dest = checkpoint_dir / f"state-{trainer_state['global_step']:08d}"
+    tensors, param_groups = sharded_state(module, optimizer)
+    with published_by_rank0(dest, rank, world_size) as tmp:
+        _dcp("save", tensors, tmp, world_size)
+        write_json(tmp / f"rng-{rank}.json", rng_state())
+        if rank == 0:
+            write_json(tmp / "optimizer.json", {"param_groups": param_groups, "scheduler": scheduler.state_dict()})
+            write_json(tmp / "trainer_state.json", trainer_state)
+    if rank == 0:
+        write_json(checkpoint_dir / LATEST, {"state": dest.name})
+        _prune(checkpoint_dir, keep)
+    dist = _collective(world_size)
+    if dist:
+        dist.barrier()  # nobody goes on (to the next save, to the end) before the state is published
+    return dest
 
 
 def _prune(checkpoint_dir: Path, keep: int) -> None:
     states = sorted(checkpoint_dir.glob("state-*"))
     for old in states[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_states(checkpoint_dir: Path) -> None:
+    """Remove the temporary state directories that killed runs left (their writer is gone)."""
+    names = {match["name"] for path in checkpoint_dir.glob(".state-*")
+             if (match := TEMPORARY_NAME.match(path.name))}
+    for name in sorted(names):
+        remove_stale_temporaries(checkpoint_dir / name)
 
 
 def latest_state_dir(checkpoint_dir: Path) -> Path | None:
@@ -167,6 +180,9 @@ def latest_state_dir(checkpoint_dir: Path) -> Path | None:
     path = checkpoint_dir / read_json(marker)["state"]
     if not (path / "trainer_state.json").is_file():
         raise LongctxError(f"{marker} names {path.name}, which is incomplete; delete {marker} to resume from scratch")
+    if not (path / DCP_INDEX).is_file():
+        raise LongctxError(f"{path} is a state saved whole by an older longctx (no sharded checkpoint in it); "
+                           f"resume it with that version, or pass --overwrite to start over")
     return path
 
 
@@ -202,88 +218,108 @@ def read_trainer_state(state_dir: Path) -> dict:
     return read_json(state_dir / "trainer_state.json")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A model.safetensors written by save_training_state, with its tied aliases restored."""
-    from safetensors import safe_open
+def load_training_state(state_dir: Path, *, module, optimizer, scheduler, rank: int, world_size: int) -> None:
+    """Restore weights, optimizer, scheduler and this rank's RNG from state_dir (collective: every
+    rank reads the pieces of the tensors it holds, whatever the world size that saved them)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    with safe_open(path, framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    state = load_file(path)
-    for name, target in aliases.items():
-        state[name] = state[target]
-    return state
-
-
-def load_training_state(state_dir: Path, *, module, optimizer, scheduler, distributed: bool, rank: int) -> None:
-    """Restore weights, optimizer, scheduler and this rank's RNG from state_dir."""
-    load_model_state(module, read_weights(state_dir / "model.safetensors"), distributed)
-    saved = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-    load_optimizer_state(module, optimizer, saved["optimizer"], distributed)
+    tensors, _ = sharded_state(module, optimizer)
+    _dcp("load", tensors, state_dir, world_size)
+    saved = read_json(state_dir / "optimizer.json")
+    set_state_dict(module, optimizer, model_state_dict=tensors["model"],
+                   optim_state_dict={"state": tensors["optimizer"], "param_groups": saved["param_groups"]})
     scheduler.load_state_dict(saved["scheduler"])
-    rngs = read_json(state_dir / "rng.json")["ranks"]
-    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    run = read_trainer_state(state_dir)
+    if run.get("world_size") == world_size:
+        set_rng_state(read_json(state_dir / f"rng-{rank}.json"))
+    else:
+        derived_rng(run["seed"], run["global_step"], rank)
 
 
-def load_model_weights(state_dir: Path, module, distributed: bool) -> None:
+def load_model_weights(state_dir: Path, module, world_size: int) -> None:
     """Only the weights of a training state (used to continue after a finished stage)."""
-    load_model_state(module, read_weights(state_dir / "model.safetensors"), distributed)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    tensors = {"model": get_model_state_dict(module)}
+    _dcp("load", tensors, state_dir, world_size)
+    set_model_state_dict(module, tensors["model"])
 
 
 # --- model directories -------------------------------------------------------------------------
 
 
-def hf_state_dict(module_state: dict[str, torch.Tensor], *, lora_scaling: float | None) -> dict[str, torch.Tensor]:
-    """The trained module's state under transformers' names, LoRA merged into the base weights.
+def hf_export_plan(module_state: dict, *, tied: bool) -> dict[str, tuple[str, str | None, str | None]]:
+    """Each tensor of the exported model under transformers' names -> (its module name, and the
+    LoRA A and B module names merged into it, or None).
 
     Module names are `model.<causal lm names>` (CausalLMLoss), or with PEFT
     `model.base_model.model.<names>` where a LoRA-wrapped linear holds `base_layer.weight`,
-    `lora_A.default.weight` and `lora_B.default.weight`: merged as W + scaling * B @ A.
+    `lora_A.default.weight` and `lora_B.default.weight`: merged as W + scaling * B @ A. A tied
+    lm_head is left out (transformers ties it on load).
     """
-    state = {name.removeprefix("model."): tensor for name, tensor in module_state.items()}
-    if any(name.startswith("base_model.model.") for name in state):
-        state = {name.removeprefix("base_model.model."): tensor for name, tensor in state.items()}
-    merged = {}
-    for name, tensor in state.items():
-        if ".lora_A." in name or ".lora_B." in name or ".lora_dropout" in name:
+    plan = {}
+    for name in module_state:
+        short = name.removeprefix("model.").removeprefix("base_model.model.")
+        if ".lora_A." in short or ".lora_B." in short or ".lora_dropout" in short:
             continue
-        if ".base_layer." in name:
-            prefix, _, leaf = name.partition(".base_layer.")
-            if leaf == "weight":
-                lora_a = state.get(f"{prefix}.lora_A.default.weight")
-                lora_b = state.get(f"{prefix}.lora_B.default.weight")
-                if lora_a is not None and lora_b is not None:
-                    delta = (lora_b.float() @ lora_a.float()) * float(lora_scaling)
-                    tensor = (tensor.float() + delta).to(tensor.dtype)
-            name = f"{prefix}.{leaf}"
-        merged[name] = tensor
-    return merged
+        lora_a = lora_b = None
+        if ".base_layer." in short:
+            prefix, _, leaf = short.partition(".base_layer.")
+            owner = name[: len(name) - len(short)] + prefix
+            if leaf == "weight" and f"{owner}.lora_A.default.weight" in module_state:
+                lora_a, lora_b = f"{owner}.lora_A.default.weight", f"{owner}.lora_B.default.weight"
+            short = f"{prefix}.{leaf}"
+        if not (tied and short == "lm_head.weight"):
+            plan[short] = (name, lora_a, lora_b)
+    return plan
 
 
-def write_model_dir(
-    dest: Path,
-    *,
-    weights: dict[str, torch.Tensor],
-    config,
-    source_dir: Path,
-    metadata: dict,
-    overwrite: bool = True,
-    extra_files: dict[str, Path] | None = None,
-) -> Path:
-    """A save_pretrained-style model directory: sharded safetensors, config, tokenizer, longctx.json."""
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter as one tensor: a DTensor shard is gathered (collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+def hf_tensors(module_state: dict, plan: dict, *, lora_scaling: float | None, dtype: torch.dtype):
+    """Yield (name, tensor) of the exported model one at a time, each gathered from its shards just
+    before it is yielded (collective under FSDP: every rank iterates it in the same order)."""
+    for name, (source, lora_a, lora_b) in plan.items():
+        tensor = _whole(module_state[source])
+        if lora_a is not None:
+            delta = (_whole(module_state[lora_b]).float() @ _whole(module_state[lora_a]).float()) * float(lora_scaling)
+            tensor = (tensor.float() + delta).to(tensor.dtype)
+        yield name, tensor.to(dtype)
+
+
+def export_model_dir(dest: Path, module, *, config, source_dir: Path, metadata: dict, dtype: torch.dtype,
+                     lora_scaling: float | None, rank: int, world_size: int) -> None:
+    """A save_pretrained-style model directory (sharded safetensors, config, tokenizer, longctx.json)
+    of the trained module, streamed: one parameter at a time is gathered, written by rank 0 through
+    SafetensorsWriter, and dropped. Collective: every rank calls it."""
     from longctx.models.metadata import write_metadata
+    from longctx.models.writer import SafetensorsWriter
 
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    with atomic_output_dir(dest, overwrite=overwrite) as tmp:
-        write_safetensors(tmp, {name: tensor for name, tensor in weights.items() if not (tied and name == "lm_head.weight")})
-        config.save_pretrained(tmp)
-        copy_auxiliary_files(source_dir, tmp)
-        if config.max_position_embeddings != read_json(Path(source_dir) / "config.json").get("max_position_embeddings"):
-            set_model_max_length(tmp, config.max_position_embeddings)
-        write_metadata(tmp, **metadata)
-        for name, path in (extra_files or {}).items():
-            if Path(path).is_file():
-                shutil.copy2(path, tmp / name)
-    return dest
+    module_state = module.state_dict()  # under FSDP2 the shards this rank holds (DTensors)
+    plan = hf_export_plan(module_state, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    tensors = hf_tensors(module_state, plan, lora_scaling=lora_scaling, dtype=dtype)
+    if rank == 0:
+        layout = {name: (tuple(module_state[source].shape), dtype) for name, (source, _, _) in plan.items()}
+        with atomic_output_dir(dest, overwrite=True) as tmp:
+            with SafetensorsWriter(tmp, layout) as writer:
+                for name, tensor in tensors:
+                    writer.write(name, tensor)
+            config.save_pretrained(tmp)
+            copy_auxiliary_files(source_dir, tmp)
+            if config.max_position_embeddings != read_json(Path(source_dir) / "config.json").get("max_position_embeddings"):
+                set_model_max_length(tmp, config.max_position_embeddings)
+            write_metadata(tmp, **metadata)
+    else:
+        for _ in tensors:  # take part in each gather
+            pass
+    dist = _collective(world_size)
+    if dist:
+        dist.barrier()
 
 
 # --- metrics log ---------------------------------------------------------------------------------

@@ -243,11 +243,11 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
         optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(runtime.dp_size))
         if start and index == start.state.stage:
             ckpt.load_training_state(start.directory, module=module, optimizer=optimizer, scheduler=scheduler,
-                                     distributed=runtime.distributed, rank=runtime.rank)
+                                     rank=runtime.rank, world_size=runtime.world_size)
             log.info("resuming stage %d at step %d from %s", index + 1, state.step, start.directory)
         else:
             if start and index == start.state.stage + 1:  # the saved run had just finished the stage before
-                ckpt.load_model_weights(start.directory, module, runtime.distributed)
+                ckpt.load_model_weights(start.directory, module, runtime.world_size)
             state.start_stage(index)
         start = None
         taken = run_stage(run, state, stage, ropes[index], optimizer, scheduler, steps_left)
@@ -417,6 +417,7 @@ def _prepare_checkpoint_dir(paths: RunPaths, start: Resume | None, *, overwrite:
         dist.barrier()
     if runtime.is_main:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_states(paths.checkpoints)
         if start is None:
             (paths.checkpoints / ckpt.METRICS).unlink(missing_ok=True)
         else:
@@ -428,8 +429,7 @@ def _save_state(run: Run, state: ckpt.TrainState, optimizer, scheduler) -> None:
     trainer_state = state.to_json(seed=run.config.seed, world_size=runtime.world_size, stages=stage_plan(run.config))
     ckpt.save_training_state(
         run.paths.checkpoints, module=run.module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
-        distributed=runtime.distributed, rank=runtime.rank, world_size=runtime.world_size,
-        keep=run.config.logging.keep_checkpoints,
+        rank=runtime.rank, world_size=runtime.world_size, keep=run.config.logging.keep_checkpoints,
     )
 
 
@@ -449,23 +449,17 @@ def _metadata(config: TrainConfig, schedule: list[dict], model_dir: Path, rope: 
 
 
 def _export_model(run: Run, dest: Path, schedule: list[dict]) -> None:
-    """Write the stage's model directory (collective under FSDP; rank 0 writes)."""
+    """Write the stage's model directory (collective under FSDP: parameters are gathered one by one, rank 0 writes)."""
     config, runtime = run.config, run.runtime
-    state = ckpt.full_model_state(run.module, runtime.distributed)
-    if runtime.is_main:
-        scaling = config.lora.alpha / config.lora.r if config.mode == "lora" else None
-        causal_lm = unwrap_causal_lm(run.model)
-        saved_dtype = source_dtype(run.model_dir)
-        weights = {name: tensor.to(saved_dtype) for name, tensor in ckpt.hf_state_dict(state, lora_scaling=scaling).items()}
-        causal_lm.config.dtype = saved_dtype
-        rope = {"rope_parameters": causal_lm.config.rope_parameters,
-                "max_position_embeddings": causal_lm.config.max_position_embeddings}
-        ckpt.write_model_dir(dest, weights=weights, config=causal_lm.config, source_dir=run.model_dir,
-                             metadata=_metadata(config, schedule, run.model_dir, rope))
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
+    causal_lm = unwrap_causal_lm(run.model)
+    saved_dtype = source_dtype(run.model_dir)
+    causal_lm.config.dtype = saved_dtype
+    rope = {"rope_parameters": causal_lm.config.rope_parameters,
+            "max_position_embeddings": causal_lm.config.max_position_embeddings}
+    ckpt.export_model_dir(dest, run.module, config=causal_lm.config, source_dir=run.model_dir,
+                          metadata=_metadata(config, schedule, run.model_dir, rope), dtype=saved_dtype,
+                          lora_scaling=config.lora.alpha / config.lora.r if config.mode == "lora" else None,
+                          rank=runtime.rank, world_size=runtime.world_size)
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:
