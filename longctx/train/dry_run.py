@@ -162,21 +162,42 @@ def fake_world(world_size: int):
         dist.destroy_process_group()
 
 
-def build_layout(config: TrainConfig, world_size: int) -> Layout:
-    """Rank 0's parameters as the run shards them: meta-device model, the run's wrapping, FSDP2."""
+def meta_module(config: TrainConfig):
+    """The trained module as the run wraps it (LongLoRA in lora mode, the chunked loss), on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from longctx.train.distributed import Runtime, shard_module
     from longctx.train.loop import apply_longlora
-    from longctx.train.loss import CausalLMLoss, unwrap_causal_lm
+    from longctx.train.loss import CausalLMLoss
 
-    hf_config = model_config(config.model)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(model_config(config.model), dtype=torch.float32)
     if config.mode == "lora":
         model = apply_longlora(model, config)
-    module = CausalLMLoss(model, config.loss_chunk_size)
+    return CausalLMLoss(model, config.loss_chunk_size)
+
+
+def rank_zero_shards(config: TrainConfig, world_size: int) -> list[tuple[int, bool]]:
+    """(bytes, trainable) of rank 0's local shard of every parameter under the run's FSDP2 sharding."""
+    import torch
+
+    from longctx.train.distributed import Runtime, shard_module
+
+    module = meta_module(config)
+    with fake_world(world_size):
+        shard_module(module, Runtime(world_size=world_size, device=torch.device("cpu")))
+        return [(p.to_local().numel() * FLOAT32, p.requires_grad) for p in module.parameters()]
+
+
+def build_layout(config: TrainConfig, world_size: int) -> Layout:
+    """Rank 0's parameters as the run shards them: meta-device model, the run's wrapping, FSDP2."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from longctx.train.loss import unwrap_causal_lm
+
+    module = meta_module(config)
+    model = module.model
     layers = list(unwrap_causal_lm(model).model.layers)
     layer_ids = {id(p) for layer in layers for p in layer.parameters()}
 
@@ -201,9 +222,10 @@ def build_layout(config: TrainConfig, world_size: int) -> Layout:
     if world_size == 1:
         full = gathered(module.parameters())
         return Layout(world_size=1, local_parameters=full, local_trainable=gathered(module.parameters(), True), **counts)
-    with fake_world(world_size):
-        shard_module(module, Runtime(world_size=world_size, device=torch.device("cpu")))
-        local = [(p.to_local().numel() * FLOAT32, p.requires_grad) for p in module.parameters()]
+    # In a forked child: a fake world leaves torch.distributed state behind (meshes, DTensor caches) that
+    # later real process groups of this process would trip on.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        local = pool.submit(rank_zero_shards, config, world_size).result()
     return Layout(world_size=world_size, local_parameters=sum(size for size, _ in local),
                   local_trainable=sum(size for size, trainable in local if trainable), **counts)
 
