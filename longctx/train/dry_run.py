@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longctx.errors import LongctxError
-from longctx.parallel.ulysses import kv_head_repeats
 from longctx.train.config import StageConfig, TrainConfig
 from longctx.units import format_token_total
 
@@ -287,6 +286,8 @@ def sequence_parallel_buffers_per_token(shape: ModelShape, compute: int, sp: int
     heads / ulysses query heads), plus Ulysses' all-to-all copies of q, K, V (repeated) and the output."""
     if sp == 1:
         return 0
+    from longctx.parallel.ulysses import kv_head_repeats
+
     repeats = kv_head_repeats(shape.kv_heads, ulysses) if ulysses > 1 else 1
     per_token = 0
     if sp // ulysses > 1:
@@ -313,6 +314,8 @@ def estimate_stage(index: int, stage: StageConfig, config: TrainConfig, shape: M
     attention = "sdpa" if sp > 1 else "sdpa-masked"
     bool_mask = stage.seq_len**2 * stage.batch_size if attention == "sdpa-masked" else 0
     saved = layer_saved_per_token(shape, compute, attention) * tokens + bool_mask * compute
+    from longctx.parallel.ulysses import kv_head_repeats  # torch: not at import (`longctx train --help`)
+
     ulysses = config.parallel.ulysses
     repeats = kv_head_repeats(shape.kv_heads, ulysses) if ulysses > 1 else 1
     kv = shape.kv_heads * shape.head_dim
