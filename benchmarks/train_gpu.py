@@ -100,7 +100,7 @@ def train_steps(args, device) -> list[dict]:
             train_step(module, optimizer, scheduler, [batch], runtime, 1.0, args.precision)
         sync(device)
         seconds = (time.perf_counter() - started) / args.steps
-        hardware = Hardware(peak_tflops=args.peak_tflops, device=device.type)
+        hardware = Hardware(peak_tflops=args.peak_tflops)
         estimate = estimate_run(config, world_size=1, hardware=hardware)
         shape = ModelShape.from_config(model_config(config.model))
         flops = step_flops(config.stages[0], shape, 1, parameters=estimate.layout.matmul_count,

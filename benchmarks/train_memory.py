@@ -91,7 +91,7 @@ def predicted_bytes(seq_len: int, ranks: int, model: str) -> int:
     from longctx.train.dry_run import Hardware, estimate_run
 
     config = parse_config(config_dict(seq_len, ranks, model))
-    (stage,) = estimate_run(config, world_size=ranks, hardware=Hardware(device="cpu")).stages
+    (stage,) = estimate_run(config, world_size=ranks, hardware=Hardware()).stages
     return stage.total
 
 

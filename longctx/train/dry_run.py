@@ -49,7 +49,6 @@ class Hardware:
     memory_bytes: int | None = None
     peak_tflops: float = PEAK_TFLOPS
     mfu: float = MFU
-    device: str = "cuda"
 
 
 @dataclass(frozen=True)
@@ -329,7 +328,6 @@ def estimate_stage(index: int, stage: StageConfig, config: TrainConfig, shape: M
         held = shape.layers * (saved + weight_casts)
         recomputing = working
     rope = 2 * FLOAT32 * shape.head_dim * tokens  # cos and sin, shared by the layers
-    mask = bool_mask
     final = 3 * FLOAT32 * shape.hidden * tokens  # the final norm's input and output, the loss's gathered copy
     chunk = min(config.loss_chunk_size or tokens, tokens)
     loss = loss_chunk_peak(shape, chunk, compute)
@@ -345,11 +343,11 @@ def estimate_stage(index: int, stage: StageConfig, config: TrainConfig, shape: M
     moments = {
         "loss backward": dict(
             parameters=base_parameters + gathered, gradients=head_gradient, optimizer=optimizer,
-            activations=held + rope + mask + final, loss=loss, communication=0),
+            activations=held + rope + bool_mask + final, loss=loss, communication=0),
         "first layer's backward": dict(
             parameters=base_parameters + gathered,
             gradients=(head_gradient + layer_gradients_sharded) if sharded else layout.local_trainable,
-            optimizer=optimizer, activations=(checkpointed + rope + mask + recomputing), loss=0,
+            optimizer=optimizer, activations=(checkpointed + rope + bool_mask + recomputing), loss=0,
             communication=gathered_layer_gradient + ring),
         "optimizer step": dict(
             parameters=base_parameters, gradients=layout.local_trainable, optimizer=optimizer,
