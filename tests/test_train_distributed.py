@@ -186,6 +186,30 @@ def test_packed_documents_stay_apart_in_a_training_step_on_one_and_two_ranks(tmp
     run_ranks(2, _two_rank_step, model_dir, batch, expected_loss, expected_grads)
 
 
+
+def _data_parallel_step(rank, world_size, model_dir, batch, expected_loss, expected_grads):
+    os.environ["WORLD_SIZE"] = str(world_size)
+    replica_batch = {key: value[rank:rank + 1] for key, value in batch.items()}  # replica r trains on row r
+    loss, update = one_training_step(model_dir, replica_batch, sequence_parallel=1)
+    if rank == 0:
+        assert_update_is(update, expected_loss, expected_grads, loss)
+
+
+def test_data_parallel_replicas_with_unequal_token_counts_train_on_the_global_token_mean(tmp_path):
+    """Two replicas, one row each, the second with most of its labels ignored: the step's loss and
+    update are those of the mean over every valid token of both rows (transformers' loss over the
+    whole batch), not the mean of the two rows' means, which is far outside the tolerance."""
+    from test_parallel_ring import run_ranks
+
+    model_dir = make_tiny_llama(tmp_path / "tiny", initializer_range=0.2)
+    batch = packed_batch()
+    batch["labels"][1, 8:] = -100  # row 0 keeps 63 valid labels, row 1 keeps 8
+    expected_loss, expected_grads = reference_gradients(model_dir, batch)
+    per_row = [reference_gradients(model_dir, {key: value[r:r + 1] for key, value in batch.items()}) for r in (0, 1)]
+    mean_of_means = {name: (per_row[0][1][name] + per_row[1][1][name]) / 2 for name in expected_grads}
+    assert max((mean_of_means[n] - g).abs().max().item() for n, g in expected_grads.items()) > 1e-3
+    run_ranks(2, _data_parallel_step, model_dir, batch, expected_loss, expected_grads)
+
 # --- sharded checkpoints: resume on the same world size and on others ------------------------------
 
 

@@ -154,8 +154,17 @@ def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime:
     """
     from longctx.parallel import shard_for_sequence_parallel
 
+    # The loss is the mean over every valid token of the global batch: FSDP averages gradients over
+    # all ranks, and each of a replica's sequence-parallel ranks counts that replica's whole batch.
     count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
-    scale = runtime.sp_size / max(count, 1)
+    global_count = count
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        counted = torch.tensor([float(count)], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(counted)
+        global_count = float(counted) / runtime.sp_size
+    scale = runtime.world_size / max(global_count, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
@@ -170,12 +179,10 @@ def train_step(module, optimizer, scheduler, micro_batches: list[dict], runtime:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    totals = torch.tensor([float(loss_sum), count / runtime.sp_size], dtype=torch.float64)
     if runtime.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(totals)
-    return float(totals[0] / max(totals[1], 1))
+        loss_sum = loss_sum.to(runtime.device)
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / max(global_count, 1)
 
 
 # --- the run ----------------------------------------------------------------------------------------
