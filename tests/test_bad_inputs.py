@@ -358,6 +358,42 @@ def test_a_full_disk_while_needle_appends_is_one_line(world, tmp_path, monkeypat
     assert status == 2 and "No space left on device" in err and "--resume" in err and "Traceback" not in err
 
 
+class _OpensAFile:
+    """Unpickled, it calls open(path, "w"): stands for any code a tampered checkpoint index would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_training_state_whose_index_would_run_code_is_refused_unbuilt(world, tmp_path, capsys):
+    import pickle
+
+    from longctx.train.api import train_from_config
+    from longctx.train.checkpoint import read_dcp_index
+
+    config = write_yaml(tmp_path / "run.yaml", model=str(world / M), output=str(tmp_path / "trained"),
+                        data={"source": "files", "paths": [str(world / "data/docs.jsonl")]},
+                        logging={"checkpoint_every": 1}, stages=[{**TRAIN_STAGE, "steps": 3}])
+    assert train_from_config(config, progress=False, stop_after_steps=1) is None
+    [state] = (tmp_path / "trained-checkpoints").glob("state-*")
+    assert type(read_dcp_index(state)).__name__ == "Metadata"  # a real index reads through the allow-list
+    marker = tmp_path / "code-ran"
+    payload = pickle.dumps(_OpensAFile(marker))
+    pickle.loads(payload)  # the negative control: a plain unpickle runs it
+    assert marker.exists()
+    marker.unlink()
+    (state / ".metadata").write_bytes(payload)
+    before = snapshot(tmp_path)
+    assert main(["train", "--config", str(config), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "io.open, which the index of a training state never holds" in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and not marker.exists()
+    assert snapshot(tmp_path) == before
+
+
 def test_resumed_training_whose_steps_changed_is_refused(world, tmp_path, capsys):
     from longctx.train.api import train_from_config
 

@@ -15,7 +15,8 @@ The checkpoint directory (default `<output>-checkpoints`) holds
 A state is saved with torch.distributed.checkpoint (DCP), as torchtitan saves one: every rank
 writes only the shards it holds (`get_state_dict`, sharded), and loading reads into the shards
 the loading ranks hold, whatever the world size that saved them (DCP reshards). Only tensors go
-through DCP; everything else is JSON, so that loading a state unpickles nothing but DCP's index.
+through DCP; everything else is JSON, so that loading a state unpickles nothing but DCP's index,
+and that through an unpickler that builds only the classes such an index holds (read_dcp_index).
 Every rank writes into one temporary directory beside the destination; after a barrier rank 0
 renames it into place (atomic_output_dir) and names it in latest.json, so a kill during a save
 leaves the previous state in force.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import pickle
 import random
 import shutil
 import warnings
@@ -93,13 +95,67 @@ def _collective(world_size: int):
     return dist if world_size > 1 else None
 
 
+# What DCP's index of a tensors-only state is built from; anything else in it is refused unbuilt.
+_DCP_INDEX_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _DcpIndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_INDEX_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_dcp_index(state_dir: Path):
+    """DCP's index (.metadata, a pickle) of a training state, unpickled with only the classes a
+    tensors-only index holds: a state from elsewhere cannot run code on resume. (A bytes entry,
+    which DCP would load with torch.load(weights_only=False), is refused with the rest.)"""
+    path = Path(state_dir) / DCP_INDEX
+    try:
+        with open(path, "rb") as handle:
+            return _DcpIndexUnpickler(handle).load()
+    except pickle.UnpicklingError as error:
+        raise LongctxError(f"{path} refers to {error}, which the index of a training state never holds; "
+                           "it was not unpickled: resume only from states written by longctx train") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise LongctxError(f"{path} is not a readable checkpoint index ({type(error).__name__}: {error}); "
+                           "resume from an earlier state or start again without --resume") from None
+
+
+def _checked_reader(path: Path):
+    """DCP's file reader, reading its index through read_dcp_index."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_index(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(path)
+
+
 def _dcp(operation: str, tensors: dict, path: Path, world_size: int) -> None:
     """dcp.save or dcp.load of tensors at path; one process runs it without torch.distributed."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():  # DCP warns on every single-process call that it is one
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        getattr(dcp, operation)(tensors, checkpoint_id=path, no_dist=world_size == 1)
+        if operation == "save":
+            dcp.save(tensors, checkpoint_id=path, no_dist=world_size == 1)
+        else:
+            read_dcp_index(path)  # refused here with one line, before DCP wraps errors per rank
+            dcp.load(tensors, checkpoint_id=path, storage_reader=_checked_reader(path), no_dist=world_size == 1)
 
 
 def sharded_state(module, optimizer) -> tuple[dict, dict]:
