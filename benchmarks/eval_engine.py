@@ -29,6 +29,7 @@ def main() -> None:
 
     from transformers import DynamicCache
 
+    from longctx.eval.cache import cache_keyword
     from longctx.eval.engine import cropped_copy, evaluation_mode, new_cache, prefill
     from longctx.models import load_model_and_tokenizer
 
@@ -63,7 +64,7 @@ def main() -> None:
     def decode_steps(copy, steps: int = 6) -> None:
         cache = copy(source, length - steps)
         for token in ids[:steps]:
-            model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_keyword(model): cache})
 
     def reserved_copy(cache, keep: int):
         return cropped_copy(cache, keep, capacity=length)

@@ -10,6 +10,7 @@ from conftest import make_tiny_llama, make_tokenizer
 
 from longctx.errors import LongctxError
 from longctx.eval import Evaluator, passkey_accuracy
+from longctx.eval.cache import cache_keyword
 from longctx.eval.engine import PrefixCache, check_memory, estimate_memory_bytes, greedy_answer, prefill
 from longctx.eval.runner import sample_rng
 from longctx.eval.scoring import first_integer_match, keyword_recall, score_answer, score_is_settled, string_match_all
@@ -192,8 +193,8 @@ def test_reserved_cache_writes_in_place_and_decodes_like_a_fresh_prefill(tiny):
         for cache in (reserved, plain):
             start = 20 if cache is reserved else 0
             if start == 0:
-                model(input_ids=torch.tensor([ids[:20]]), past_key_values=cache, use_cache=True)
-            logits.append(torch.cat([model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0]
+                model(input_ids=torch.tensor([ids[:20]]), use_cache=True, **{cache_keyword(model): cache})
+            logits.append(torch.cat([model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_keyword(model): cache}).logits[0]
                                      for token in ids[20:30]]))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     assert reserved.get_seq_length() == 30 and reserved.layers[0].buffers[0].shape[-2] == 48  # 24 ran out: doubled
@@ -357,7 +358,7 @@ class AnswerOracle:
             start = int(positions[0, 0])
             end = start + len(ids)
         else:
-            end = kwargs["past_key_values"].get_seq_length()
+            end = kwargs[cache_keyword(module)].get_seq_length()
             start = end - len(ids)
         if self.current is None or start < len(self.prompts[self.current]):  # prompt tokens: whose?
             self.current = next((i for i, prompt in enumerate(self.prompts)

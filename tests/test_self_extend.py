@@ -146,19 +146,20 @@ def load(path, implementation="longctx_self_extend"):
 
 @torch.no_grad()
 def test_model_one_pass_chunked_prefill_and_decode_agree(self_extend_llama):
+    from longctx.eval.cache import cache_keyword
     from longctx.eval.engine import new_cache, prefill
 
     model = load(self_extend_llama)
     ids = torch.randint(3, 259, (1, 150), generator=torch.Generator().manual_seed(0))
     one_pass = model(input_ids=ids).logits[0]
     cache = new_cache()
-    chunked = [model(input_ids=ids[:, s : s + 37], past_key_values=cache, use_cache=True).logits[0] for s in range(0, 150, 37)]
+    chunked = [model(input_ids=ids[:, s : s + 37], use_cache=True, **{cache_keyword(model): cache}).logits[0] for s in range(0, 150, 37)]
     torch.testing.assert_close(torch.cat(chunked), one_pass, atol=1e-4, rtol=1e-4)
     cache = new_cache()
     last = prefill(model, cache, ids[0, :-5].tolist(), chunk_size=32, keep=1)
     stepwise = [last[0]]
     for token in ids[0, -5:].tolist():
-        stepwise.append(model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1])
+        stepwise.append(model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_keyword(model): cache}).logits[0, -1])
     torch.testing.assert_close(torch.stack(stepwise), one_pass[-6:], atol=1e-4, rtol=1e-4)
     sdpa = load(self_extend_llama, "sdpa")(input_ids=ids).logits[0]
     assert (sdpa[-50:] - one_pass[-50:]).abs().max() > 1e-3  # grouping is on beyond the window

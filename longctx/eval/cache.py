@@ -84,3 +84,16 @@ def cropped_copy(cache, length: int, capacity: int = 0):
             copy.layers.append(copy.layer_class_to_replicate())
             copy.layers[-1].update(layer.keys[..., :length, :], layer.values[..., :length, :])
     return copy
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that takes a KV cache: `cache` in transformers >= 5.24, which deprecates
+    `past_key_values` (removal in 5.40), and `past_key_values` in the 5.x releases before it."""
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

@@ -33,7 +33,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.attention import cached_attention
-from longctx.eval.cache import cropped_copy, new_cache
+from longctx.eval.cache import cache_keyword, cropped_copy, new_cache
 from longctx.eval.sharded import Sharding, is_sharded, sharded_attention
 from longctx.eval.rotation import rotation_for_length
 from longctx.rope.config import rope_types
@@ -92,7 +92,7 @@ def forward(model, cache, ids: list[int], *, keep: int) -> torch.Tensor | None:
     if is_sharded(cache):
         return cache.run(model, ids, keep)
     logits = model(
-        input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+        input_ids=torch.tensor([ids], device=model.device), use_cache=True, **{cache_keyword(model): cache},
         logits_to_keep=max(keep, 1),  # 0 would mean all positions
     ).logits
     return logits[0, -keep:].float() if keep else None

@@ -16,6 +16,7 @@ import math
 import torch
 
 from longctx.errors import LongctxError
+from longctx.eval.cache import cache_keyword
 from longctx.eval.engine import evaluation_mode, new_cache, prefix_reuse_supported
 from longctx.eval.rotation import rotation_for_length
 from longctx.units import length_label
@@ -33,7 +34,7 @@ def token_losses(model, ids: list[int], *, chunk_size: int = DEFAULT_PPL_CHUNK) 
     device = model.device
     for start in range(0, len(ids) - 1, chunk_size):
         chunk = ids[start : start + chunk_size]
-        logits = model(input_ids=torch.tensor([chunk], device=device), past_key_values=cache, use_cache=True).logits[0]
+        logits = model(input_ids=torch.tensor([chunk], device=device), use_cache=True, **{cache_keyword(model): cache}).logits[0]
         targets = torch.tensor(ids[start + 1 : start + 1 + len(chunk)], device=device)
         losses.append(torch.nn.functional.cross_entropy(logits[: len(targets)].float(), targets, reduction="none"))
     return torch.cat(losses).cpu()

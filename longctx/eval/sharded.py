@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from longctx.attention.blocks import NEG_INF, block_forward, choose_kernel, merge_into
 from longctx.errors import LongctxError
-from longctx.eval.cache import reserved_layer_class
+from longctx.eval.cache import cache_keyword, reserved_layer_class
 
 ATTENTION_NAME = "longctx_sharded"
 PASS_KEYWORD = "longctx_shard"
@@ -189,7 +189,7 @@ def _sharded_cache_class():
             try:
                 logits = model(
                     input_ids=torch.tensor([ids[first : first + mine]], device=model.device), position_ids=positions,
-                    past_key_values=self, use_cache=True, logits_to_keep=max(kept_here, 1), **{PASS_KEYWORD: shard},
+                    use_cache=True, logits_to_keep=max(kept_here, 1), **{cache_keyword(model): self, PASS_KEYWORD: shard},
                 ).logits[0]
             finally:
                 self.current = None
