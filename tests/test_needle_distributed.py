@@ -225,9 +225,55 @@ def test_torchrun_grid_resumes_a_one_process_run_and_writes_what_one_process_wri
         "heatmap.png", "results.jsonl", "settings.json", "summary.json"]
 
 
+def _suite_on_ranks(rank, world_size, argv):
+    import os
+
+    from longctx.cli import main
+    from longctx.eval.sharded import _sharded_cache_class
+
+    os.environ["WORLD_SIZE"] = str(world_size)  # what torchrun sets
+    cache_class, passes = _sharded_cache_class(), []
+    run = cache_class.run
+    cache_class.run = lambda self, *args, **kwargs: passes.append(1) or run(self, *args, **kwargs)
+    try:
+        assert main(argv) == 0
+    finally:
+        cache_class.run = run
+    assert passes  # every pass went through the sharded cache
+
+
+def test_ruler_suite_across_ranks_writes_what_one_process_writes(models, tmp_path):
+    """RULER's suite on two ranks (a needle task reusing its haystack prefix, variable tracking and QA
+    without one), each pass through the sharded KV cache: every row and the summary equal one
+    process's, and only rank 0 writes."""
+    import json
+
+    from longctx.cli import main
+    from longctx.eval.grid import read_results
+    from test_ruler import QA_DIR
+
+    suite = ["needle", "--suite", "ruler", "--model", str(models[0]), "--lengths", "2500", "--samples", "1",
+             "--tasks", "niah_single_1,vt,qa_1", "--qa-data", str(QA_DIR), "--chunk-size", "300"]
+    assert main([*suite, "--output", str(tmp_path / "one")]) == 0
+    run_ranks(2, _suite_on_ranks, [*suite, "--output", str(tmp_path / "two"), "--sequence-parallel", "2"])
+
+    def without_time(rows):
+        return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+    one, two = (read_results(tmp_path / name / "results.jsonl") for name in ("one", "two"))
+    assert len(one) == 3 and without_time(two) == without_time(one)
+    assert any(row["shared_prefix"] > 0 for row in one)  # the needle task reused its prefix
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    for summary in summaries:
+        summary.pop("seconds")
+    assert summaries[0] == summaries[1]
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == [
+        "heatmap.png", "results.jsonl", "settings.json", "summary.json"]
+
+
 def test_sequence_parallel_is_refused_where_it_cannot_run(models, tmp_path, monkeypatch, capsys):
-    """One line, exit 2, nothing written: a P that is not torchrun's world size (either way), the RULER
-    suite, a Self-Extend model (refused from its config before the model loads), an attention the
+    """One line, exit 2, nothing written: a P that is not torchrun's world size (either way, for a grid
+    and for RULER's suite), a Self-Extend model (refused from its config before the model loads), an attention the
     sharded cache cannot stand in for."""
     import json
 
@@ -244,7 +290,7 @@ def test_sequence_parallel_is_refused_where_it_cannot_run(models, tmp_path, monk
         (base, {"WORLD_SIZE": "2"}, "pass --sequence-parallel 2"),
         ([*base, "--sequence-parallel", "4"], {"WORLD_SIZE": "2"}, "pass --sequence-parallel 2"),
         (["needle", "--model", str(models[0]), "--suite", "ruler", "--lengths", "1k", "--output", str(output),
-          "--sequence-parallel", "2"], {}, "runs in one process"),
+          "--sequence-parallel", "2"], {}, "launch with torchrun --nproc-per-node 2"),
     ]
     for argv, environment, message in cases:
         with monkeypatch.context() as patch:

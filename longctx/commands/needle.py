@@ -123,21 +123,19 @@ def run_suite_command(args: argparse.Namespace) -> int:
     from longctx.errors import LongctxError
     from longctx.eval.suite import DEFAULT_SUITE_THRESHOLD, SuitePlan, SuiteSettings, format_suite_table, run_suite
 
-    from longctx.eval.sharded import torchrun_world_size
-
-    if args.sequence_parallel != 1 or torchrun_world_size() > 1:
-        raise LongctxError("--suite ruler runs in one process; launch it without torchrun and drop --sequence-parallel")
     given = [flag for flag, default in args.grid_defaults.items() if getattr(args, flag) != default]
     if given:
         raise LongctxError(f"--{given[0].replace('_', '-')} applies to a grid, not to --suite; drop it")
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     threshold = DEFAULT_SUITE_THRESHOLD if args.threshold is None else args.threshold
     plan = SuitePlan(lengths_from_args(args), tasks, args.samples, not args.no_prefix_reuse, args.chunk_size, threshold,
-                     args.qa_data, args.device)
+                     args.qa_data, args.device, args.sequence_parallel)
     settings = SuiteSettings(model=str(args.model), suite=args.suite, prompt=args.prompt, seed=args.seed,
                              qa_data=args.qa_data)
     summary = run_suite(settings, plan, args.output, resume=args.resume, overwrite=args.overwrite,
                         allow_pickle=args.allow_pickle)
+    if summary is None:  # a rank other than 0 of --sequence-parallel: rank 0 reports
+        return 0
     print(format_suite_table(summary))
     print(f"{summary['samples_done']} samples; results in {args.output}")
     return 0

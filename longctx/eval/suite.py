@@ -77,6 +77,7 @@ class SuitePlan:
     threshold: float = DEFAULT_SUITE_THRESHOLD
     qa_data: str | None = None
     device: str = "cpu"  # where the model runs (the scores do not depend on it)
+    sequence_parallel: int = 1  # processes the KV caches are sharded over (torchrun's world size)
     skipped: list[str] = field(init=False)
     cells: list[tuple[str, int, int]] = field(init=False)
 
@@ -196,59 +197,84 @@ def write_suite_summary(output: Path, summary: dict) -> None:
 def run_suite(
     settings: SuiteSettings, plan: SuitePlan, output: str | Path, *, resume: bool = False, overwrite: bool = False,
     progress: bool = True, allow_pickle: bool = False,
-) -> dict:
-    """Run (or resume) the suite, writing each sample's result as it finishes; returns the summary."""
+) -> dict | None:
+    """Run (or resume) the suite, writing each sample's result as it finishes; returns the summary.
+
+    With plan.sequence_parallel P > 1 this is one of P torchrun processes, as in the needle grid
+    (eval/grid.py run_grid): every rank answers every sample with its share of the KV caches, and
+    rank 0 alone checks and writes the output and returns the summary (the others return None)."""
     from tqdm import tqdm
+
+    from longctx.eval.sharded import from_rank_zero, joined, on_every_rank, rank_device
+    from longctx.models import resolve_device
 
     output = Path(output)
     if settings.suite not in SUITES:
         raise LongctxError(f"unknown suite {settings.suite!r}: choose one of {', '.join(SUITES)}")
+    device = resolve_device(plan.device)
+    with joined(plan.sequence_parallel, rank_device(device) if plan.sequence_parallel > 1 else device) as sharding:
+        main = sharding is None or sharding.rank == 0
+        model_dir, model, tokenizer, model_name, qa, style = on_every_rank(
+            sharding, lambda: _suite_model(settings, plan, output, resume, overwrite, allow_pickle, sharding))
+        static_rope = prefix_reuse_supported(model.config)
+        reuse = plan.prefix_reuse and static_rope
+        if plan.prefix_reuse and not reuse:
+            log.warning("this model's rope depends on the sequence length: every prompt is prefilled from scratch")
+        if plan.skipped and main:
+            log.warning("QA skipped (%s): no --qa-data", ", ".join(plan.skipped))
+
+        started_results = on_every_rank(sharding, lambda: start_results(
+            output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite) if main else None)
+        rows, todo = started_results if main else ([], None)
+        todo = from_rank_zero(sharding, todo)
+        started = time.perf_counter()
+        bar = tqdm(total=len(todo), desc="ruler", unit="sample", disable=not progress or not main or not todo)
+        for length in plan.lengths:
+            for name in plan.tasks:
+                indices = [i for task, L, i in todo if task == name and L == length]
+                if not indices:
+                    continue
+                generator = make_generator(tokenizer, name, length=length, seed=settings.seed, qa_data=qa.get(name))
+                prefix = None
+                for index in indices:
+                    fitted = fit_prompt(tokenizer, generator, index, style)
+                    if prefix is None:  # one reused haystack prefix per task and length
+                        clean = clean_prompt_ids(tokenizer, generator, fitted.size, style) if reuse else None
+                        prefix = PrefixCache(model, clean or [], enabled=clean is not None, chunk_size=plan.chunk_size,
+                                             sharding=sharding)
+                    with evaluation_mode(model, sharding):
+                        row = evaluate_sample(model, tokenizer, prefix, fitted, draft=static_rope)
+                    row.update(length=length, sample=index)
+                    if main:
+                        append_result(output / RESULTS, row)
+                    rows.append(row)
+                    bar.update(1)
+                    bar.set_postfix_str(f"L={length_label(length)} {name} score={row['score']:.2f}")
+        bar.close()
+        if not main:
+            return None
+        summary = summarize_suite(rows, plan, model_name, time.perf_counter() - started)
+        summary.update(prompt_style=style, model_path=str(model_dir), settings=asdict(settings),
+                       answer="the whole greedy generation, up to the task's tokens_to_generate, until end of sequence "
+                              "or until no more text can change the score")
+        write_suite_summary(output, summary)
+        return summary
+
+
+def _suite_model(settings, plan, output, resume, overwrite, allow_pickle, sharding):
+    """(model directory, model, tokenizer, model name, QA data, prompt style) after every check the
+    suite makes before its first write."""
     qa = {name: load_qa_data(settings.qa_data, RULER_TASKS[name].dataset) for name in plan.tasks if name in QA_TASKS}
     model_dir, model, tokenizer, model_name = load_for_run(
         settings, output, {"the QA data": settings.qa_data}, lengths=plan.lengths, chunk_size=plan.chunk_size,
         reuse=plan.prefix_reuse, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle,
-        device=plan.device,
+        device=plan.device, sharding=sharding,
     )
     style = detect_style(tokenizer, settings.prompt)
     for name in plan.tasks:  # refuse a length too short for a task before writing anything
         shortest = make_generator(tokenizer, name, length=min(plan.lengths), seed=settings.seed, qa_data=qa.get(name))
         fit_prompt(tokenizer, shortest, 0, style)
-    static_rope = prefix_reuse_supported(model.config)
-    reuse = plan.prefix_reuse and static_rope
-    if plan.prefix_reuse and not reuse:
-        log.warning("this model's rope depends on the sequence length: every prompt is prefilled from scratch")
-    if plan.skipped:
-        log.warning("QA skipped (%s): no --qa-data", ", ".join(plan.skipped))
-
-    rows, todo = start_results(output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite)
-    started = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="ruler", unit="sample", disable=not progress or not todo)
-    for length in plan.lengths:
-        for name in plan.tasks:
-            indices = [i for task, L, i in todo if task == name and L == length]
-            if not indices:
-                continue
-            generator = make_generator(tokenizer, name, length=length, seed=settings.seed, qa_data=qa.get(name))
-            prefix = None
-            for index in indices:
-                fitted = fit_prompt(tokenizer, generator, index, style)
-                if prefix is None:  # one reused haystack prefix per task and length
-                    clean = clean_prompt_ids(tokenizer, generator, fitted.size, style) if reuse else None
-                    prefix = PrefixCache(model, clean or [], enabled=clean is not None, chunk_size=plan.chunk_size)
-                with evaluation_mode(model):
-                    row = evaluate_sample(model, tokenizer, prefix, fitted, draft=static_rope)
-                row.update(length=length, sample=index)
-                append_result(output / RESULTS, row)
-                rows.append(row)
-                bar.update(1)
-                bar.set_postfix_str(f"L={length_label(length)} {name} score={row['score']:.2f}")
-    bar.close()
-    summary = summarize_suite(rows, plan, model_name, time.perf_counter() - started)
-    summary.update(prompt_style=style, model_path=str(model_dir), settings=asdict(settings),
-                   answer="the whole greedy generation, up to the task's tokens_to_generate, until end of sequence "
-                          "or until no more text can change the score")
-    write_suite_summary(output, summary)
-    return summary
+    return model_dir, model, tokenizer, model_name, qa, style
 
 
 def evaluate_sample(model, tokenizer, prefix: PrefixCache, fitted: FittedPrompt, *, draft: bool = True) -> dict:
