@@ -433,3 +433,35 @@ def test_default_model_retrieves_a_passkey_at_1k(default_model_dir):
 
     model, tokenizer = load_model_and_tokenizer(default_model_dir)
     assert passkey_accuracy(model, tokenizer, length=1024, num_samples=1) == 1.0  # one probe at depth 50
+
+
+HEAP_PROBE = """
+import ctypes, sys, torch
+from longctx.eval.cache import keep_heap_small
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.empty(4 << 20)  # 16 MiB mapped then freed: glibc raises its mmap threshold to 16 MiB
+if sys.argv[1] == "fixed":
+    assert keep_heap_small()
+mapped = libc.mallinfo2().hblkhd
+buffer = torch.empty(1 << 18)  # 1 MiB, the size of a KV cache buffer
+print(libc.mallinfo2().hblkhd - mapped >= 1 << 20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+def test_cache_sized_tensors_are_mapped_not_kept_in_the_heap_once_the_engine_runs():
+    """After a model load has raised glibc's mmap threshold, a 1 MiB tensor comes from the brk heap
+    (whose holes stay resident when freed) unless keep_heap_small() has fixed the threshold."""
+    import subprocess
+    import sys
+
+    def mapped(mode):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert mapped("dynamic") == "False"  # the failure the fix is for: the 1 MiB tensor lands in the heap
+    assert mapped("fixed") == "True"

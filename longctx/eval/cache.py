@@ -3,13 +3,43 @@
 `new_cache(capacity)` reserves room for a whole prompt and its answer, so decode steps do not copy
 the cache; `cropped_copy` hands a prompt the reused haystack prefix as a cache of its own.
 (The cache split across the ranks of a process group is sharded.py's.)
+
+`keep_heap_small()` stops glibc from keeping freed cache buffers and activations in its heap
+(see there): without it, a rank evaluating 16K tokens held ~330 MB more than its live tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 
 import torch
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's own default (and starting) threshold
+
+
+@functools.cache
+def keep_heap_small() -> bool:
+    """Fix glibc's mmap threshold at its default 128 KiB, so that every tensor larger than that is an
+    mmap of its own, unmapped when freed; True where that was done (glibc), False elsewhere.
+
+    glibc raises the threshold (up to 32 MiB) each time a mapped block is freed, and loading a model
+    frees many; from then on the KV cache buffers and a chunk's activations (0.1-32 MiB each) come
+    from the brk heap, whose freed holes stay resident: outgrown cache buffers and the last chunk's
+    scratch, ~330 MB of a rank's 16K peak (benchmarks/RESULTS.md). Fixing the threshold turns the
+    adjustment off (as MALLOC_MMAP_THRESHOLD_ would). Once per process; the loaded weights stay put."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 @functools.cache

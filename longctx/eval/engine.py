@@ -33,7 +33,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.eval.attention import cached_attention
-from longctx.eval.cache import cropped_copy, new_cache
+from longctx.eval.cache import cropped_copy, keep_heap_small, new_cache
 from longctx.eval.sharded import Sharding, is_sharded, sharded_attention
 from longctx.eval.rotation import rotation_for_length
 from longctx.rope.config import rope_types
@@ -59,7 +59,9 @@ def prefix_reuse_supported(config) -> bool:
 @contextlib.contextmanager
 def evaluation_mode(model, sharding: Sharding | None = None):
     """model.eval() and, for an sdpa model on the CPU, `longctx_cached` attention (eval/attention.py)
-    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after."""
+    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after. Freed
+    cache buffers and activations go back to the system from here on (cache.keep_heap_small)."""
+    keep_heap_small()
     was_training = model.training
     model.eval()
     try:
