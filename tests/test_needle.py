@@ -130,7 +130,15 @@ def test_dataset_haystack_reads_a_local_file(tmp_path):
         load_haystack_text("dataset:no-such-org/no-such-dataset")
 
 
-def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny, in_place):
+    """With the model's own sdpa a prompt gets a copy of the prefix; under the engine's evaluation_mode
+    (longctx_cached) it reads the prefix cache's buffers in place and holds only its own positions."""
+    import contextlib
+
+    from longctx.eval.cache import is_based
+    from longctx.eval.engine import evaluation_mode
+
     model, tokenizer = tiny
     task = Task("multivalue")
     builder = PromptBuilder(tokenizer, build_haystack(tokenizer, "essays", 1000), task.instruction, "raw")
@@ -139,9 +147,15 @@ def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny):
     for depth in (40, 100, 0, 70):  # out of order: the prefix cache grows (40, then 100) and is cropped
         prompt = builder.build(task.sample(random.Random(depth)), 1000, depth)
         shared.append(prompt.shared_prefix)
-        cache, position = prefix.start(prompt.ids, prompt.shared_prefix)
-        assert position == prompt.shared_prefix
-        reused = prefill(model, cache, prompt.ids[position:], chunk_size=256, keep=20)
+        with evaluation_mode(model) if in_place else contextlib.nullcontext():
+            cache, position = prefix.start(prompt.ids, prompt.shared_prefix)
+            assert position == prompt.shared_prefix
+            reused = prefill(model, cache, prompt.ids[position:], chunk_size=256, keep=20)
+        assert is_based(cache) == (in_place and position > 0)
+        if is_based(cache):  # the prefix is read where it lies; the prompt's layers hold only what follows it
+            assert cache.base[0][0].data_ptr() == prefix.cache.layers[0].keys.data_ptr()
+            assert cache.layers[0].held() == len(prompt.ids) - position
+            assert cache.get_seq_length() == len(prompt.ids)
         with torch.no_grad():
             full = model(torch.tensor([prompt.ids])).logits[0, -20:]
         torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
@@ -201,6 +215,29 @@ def test_reserved_cache_writes_in_place_and_decodes_like_a_fresh_prefill(tiny):
     assert buffer.data_ptr() != reserved.layers[0].buffers[0].data_ptr()
     torch.testing.assert_close(reserved.layers[0].keys[..., :20, :], before[..., :20, :])
     assert torch.equal(source.layers[0].keys, before) and source.get_seq_length() == 30
+
+
+def test_a_prefix_read_in_place_drops_a_draft_and_decodes_like_a_fresh_prefill(tiny):
+    """A prompt on a prefix read in place: a rejected draft is dropped (keep_first) and the decode
+    steps after it give a full forward pass's logits; the prefix cache is never written."""
+    from longctx.eval.engine import evaluation_mode, forward, keep_first
+
+    model, _ = tiny
+    ids = torch.randint(3, 250, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    prefix = PrefixCache(model, ids[:40], chunk_size=16)
+    with evaluation_mode(model):
+        cache, position = prefix.start(ids[:50], 40, answer_tokens=10)
+        before = prefix.cache.layers[0].keys.clone()
+        prefill(model, cache, ids[position:50] + [7, 7, 7], chunk_size=16, keep=0)  # prompt + a 3-token draft
+        keep_first(cache, 50)  # the draft was wrong
+        assert cache.get_seq_length() == 50 and cache.layers[0].held() == 10
+        steps = torch.stack([forward(model, cache, [token], keep=1)[-1] for token in ids[50:55]])
+    with torch.no_grad():
+        full = model(torch.tensor([ids[:55]])).logits[0, 50:55]
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(prefix.cache.layers[0].keys, before)
+    with pytest.raises(LongctxError, match="in place"):  # outside evaluation_mode its attention would miss the prefix
+        forward(model, cache, [5], keep=1)
 
 
 def test_prefix_reuse_scores_equal_from_scratch(tiny):
@@ -434,3 +471,35 @@ def test_default_model_retrieves_a_passkey_at_1k(default_model_dir):
 
     model, tokenizer = load_model_and_tokenizer(default_model_dir)
     assert passkey_accuracy(model, tokenizer, length=1024, num_samples=1) == 1.0  # one probe at depth 50
+
+
+HEAP_PROBE = """
+import ctypes, sys, torch
+from longctx.eval.cache import keep_heap_small
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.empty(4 << 20)  # 16 MiB mapped then freed: glibc raises its mmap threshold to 16 MiB
+if sys.argv[1] == "fixed":
+    assert keep_heap_small()
+mapped = libc.mallinfo2().hblkhd
+buffer = torch.empty(1 << 18)  # 1 MiB, the size of a KV cache buffer
+print(libc.mallinfo2().hblkhd - mapped >= 1 << 20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+def test_cache_sized_tensors_are_mapped_not_kept_in_the_heap_once_the_engine_runs():
+    """After a model load has raised glibc's mmap threshold, a 1 MiB tensor comes from the brk heap
+    (whose holes stay resident when freed) unless keep_heap_small() has fixed the threshold."""
+    import subprocess
+    import sys
+
+    def mapped(mode):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert mapped("dynamic") == "False"  # the failure the fix is for: the 1 MiB tensor lands in the heap
+    assert mapped("fixed") == "True"

@@ -13,6 +13,10 @@ plain causality over the whole cache: its mask function hands anything else (pad
 sliding windows, packed documents, non-causal layers) to `sdpa_mask`, and the attention
 function passes any mask it gets to `sdpa`, so other models and inputs run as before. CPU
 models only (see `cached_attention`).
+
+A reused haystack prefix is one more such block: given the `longctx_base` keyword (per layer, the
+keys and values of the prefix, eval/cache.py's `continued_cache`), every query sees it in full,
+so a prompt reads the prefix cache in place instead of holding a copy of it.
 """
 
 from __future__ import annotations
@@ -22,22 +26,36 @@ import contextlib
 import torch
 
 from longctx.attention.blocks import block_forward, choose_kernel, merge_into
+from longctx.errors import LongctxError
 
 ATTENTION_NAME = "longctx_cached"
 REPLACES = "sdpa"
+BASE_KEYWORD = "longctx_base"  # model-call keyword: per layer, (keys, values) of a prefix read in place
 
 
-def attention_after_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_after_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                          base: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of the last query.shape[2] positions of a sequence whose keys and values
-    are key, value ([batch, heads, seq, head_dim]; fewer key/value heads for GQA)."""
+    are key, value ([batch, heads, seq, head_dim]; fewer key/value heads for GQA), after `base`
+    (keys, values of positions before all of them, every query sees them) if given."""
     kernel = choose_kernel(query)
     past = key.shape[2] - query.shape[2]
-    if query.shape[2] == 1 or past == 0:  # one query sees every key; or no cache: plain causal
+    if base is None and (query.shape[2] == 1 or past == 0):  # one query sees every key; or no cache: plain causal
         return block_forward(kernel, query, key, value, scale, past == 0, None)[0]
-    out, lse = block_forward(kernel, query, key[:, :, :past], value[:, :, :past], scale, False, None)
-    out = out.float()
-    recent_out, recent_lse = block_forward(kernel, query, key[:, :, past:], value[:, :, past:], scale, True, None)
-    merge_into(out, lse, recent_out, recent_lse)
+    blocks = [(base[0], base[1], False)] if base is not None else []
+    if query.shape[2] == 1:
+        blocks.append((key, value, False))
+    else:
+        if past:
+            blocks.append((key[:, :, :past], value[:, :, :past], False))
+        blocks.append((key[:, :, past:], value[:, :, past:], True))
+    out, lse = None, None
+    for block_key, block_value, causal in blocks:
+        block_out, block_lse = block_forward(kernel, query, block_key, block_value, scale, causal, None)
+        if out is None:
+            out, lse = block_out.float(), block_lse
+        else:
+            merge_into(out, lse, block_out, block_lse)
     return out.to(query.dtype)
 
 
@@ -45,11 +63,16 @@ def cached_attention_forward(module, query, key, value, attention_mask, dropout:
                              is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    base = kwargs.pop(BASE_KEYWORD, None)
     if attention_mask is not None or dropout or kwargs.get("softcap") is not None:
+        if base is not None:
+            raise LongctxError(f"{ATTENTION_NAME} reads a reused prefix in place only under plain causal attention "
+                               "(no mask, dropout or softcapping); evaluate this model with --no-prefix-reuse")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return attention_after_cache(query, key, value, scale).transpose(1, 2).contiguous(), None
+    layer_base = base[module.layer_idx] if base is not None else None
+    return attention_after_cache(query, key, value, scale, layer_base).transpose(1, 2).contiguous(), None
 
 
 def cached_attention_mask(*, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,

@@ -2,8 +2,11 @@
 
 Prefix reuse: every prompt of a run starts with the same tokens (template head + haystack)
 up to its first needle. `PrefixCache` computes the KV cache of those clean tokens once,
-growing it on demand, and hands each prompt a copy cropped to its shared prefix, so only
-the rest of the prompt (needle onwards) is processed. With static RoPE scaling a key's
+growing it on demand, and hands each prompt a cache that starts with its shared prefix, so only
+the rest of the prompt (needle onwards) is processed. Under `longctx_cached` attention (a CPU
+sdpa model: the default) the prompt reads the prefix in place, its attention taking the prefix
+as a block of its own (eval/cache.py's `continued_cache`); under any other attention it gets a
+copy of the prefix (`cropped_copy`), which holds the prefix's memory twice. With static RoPE scaling a key's
 rotation depends only on its position, so this is exact. With dynamic NTK the rotation
 base depends on the length of the whole forward pass, so a cache built at one length is
 wrong at another: reuse is refused and every prompt is prefilled from scratch, its chunks
@@ -32,8 +35,8 @@ from itertools import islice
 import torch
 
 from longctx.errors import LongctxError
-from longctx.eval.attention import cached_attention
-from longctx.eval.cache import cache_keyword, cropped_copy, new_cache
+from longctx.eval.attention import ATTENTION_NAME as CACHED_ATTENTION, BASE_KEYWORD, cached_attention
+from longctx.eval.cache import cache_keyword, continued_cache, cropped_copy, is_based, keep_heap_small, new_cache
 from longctx.eval.sharded import Sharding, is_sharded, sharded_attention
 from longctx.eval.rotation import rotation_for_length
 from longctx.rope.config import rope_types
@@ -59,7 +62,9 @@ def prefix_reuse_supported(config) -> bool:
 @contextlib.contextmanager
 def evaluation_mode(model, sharding: Sharding | None = None):
     """model.eval() and, for an sdpa model on the CPU, `longctx_cached` attention (eval/attention.py)
-    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after."""
+    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after. Freed
+    cache buffers and activations go back to the system from here on (cache.keep_heap_small)."""
+    keep_heap_small()
     was_training = model.training
     model.eval()
     try:
@@ -91,16 +96,28 @@ def forward(model, cache, ids: list[int], *, keep: int) -> torch.Tensor | None:
     logits of the last `keep` positions (keep x vocab, float32), or None for keep=0."""
     if is_sharded(cache):
         return cache.run(model, ids, keep)
+    extra = {}
+    if is_based(cache):  # a prompt reading the reused prefix in place: only longctx_cached attention takes it
+        if not reads_prefix_in_place(model):
+            raise LongctxError(f"a cache that reads its prefix in place runs only under {CACHED_ATTENTION} attention "
+                               f"(the engine's evaluation_mode), not {model.config._attn_implementation!r}")
+        extra[BASE_KEYWORD] = cache.base
     logits = model(
         input_ids=torch.tensor([ids], device=model.device), use_cache=True, **{cache_keyword(model): cache},
-        logits_to_keep=max(keep, 1),  # 0 would mean all positions
+        logits_to_keep=max(keep, 1), **extra,  # 0 would mean all positions
     ).logits
     return logits[0, -keep:].float() if keep else None
 
 
+def reads_prefix_in_place(model) -> bool:
+    """Whether the model attends with longctx_cached, which takes a reused prefix as a block of its
+    own (so a prompt's cache reads the prefix in place instead of copying it)."""
+    return getattr(model.config, "_attn_implementation", None) == CACHED_ATTENTION
+
+
 def keep_first(cache, length: int) -> None:
     """Drop every position of `cache` from `length` on."""
-    if is_sharded(cache):
+    if is_sharded(cache) or is_based(cache):
         cache.keep_first(length)
         return
     for layer in cache.layers:
@@ -136,6 +153,8 @@ class PrefixCache:
             self.length = shared
         if self.sharding is not None:
             return self.cache.continuation(shared, capacity), shared
+        if reads_prefix_in_place(self.model):
+            return continued_cache(self.cache, shared, capacity), shared
         return cropped_copy(self.cache, shared, capacity), shared
 
     def new_cache(self, capacity: int = 0):
@@ -244,14 +263,17 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK, reuse: bool = True,
                           ranks: int = 1) -> int:
-    """Peak memory of evaluating one prompt of `length` tokens: the KV caches (shared prefix + the
-    working copy), one chunk's attention scores and MLP activations, and the weights. With `ranks`
-    > 1, one rank's: its share of the cache (a prompt reads the prefix in place: one cache, not
-    two), the scores of a chunk's queries over that share, its piece of the chunk's MLP."""
+    """Peak memory of evaluating one prompt of `length` tokens: the KV caches (the shared prefix,
+    plus the prompt's copy of it unless the prompt reads it in place, as it does under
+    longctx_cached: a CPU sdpa model), one chunk's attention scores and MLP activations, and the
+    weights. With `ranks` > 1, one rank's: its share of the cache (read in place), the scores of a
+    chunk's queries over that share, its piece of the chunk's MLP."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype_bytes = next(model.parameters()).element_size()
-    shared_copies = 2 if reuse and ranks == 1 else 1
+    in_place = reads_prefix_in_place(model) or (
+        getattr(config, "_attn_implementation", None) == "sdpa" and model.device.type == "cpu")  # evaluation_mode's choice
+    shared_copies = 2 if reuse and ranks == 1 and not in_place else 1
     caches = shared_copies * -(-length // ranks) * kv_bytes_per_token(config, dtype_bytes)
     chunk = min(chunk_size, length)
     attention = text.num_attention_heads * chunk * -(-length // ranks) * 4  # scores in float32 (eager/math kernels)
