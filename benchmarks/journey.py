@@ -56,6 +56,14 @@ DEPTHS = "0,25,50,75,100"
 SIBLING_STAGE = dict(steps=600, learning_rate=1.0e-3, warmup_steps=30, lr_schedule="cosine",
                      batch_size=16)
 SIBLING_TASKS = [SKILL, "passkey"]  # passkey kept in the mix, as a fine-tune keeps its base's abilities
+# --*-lora-rank: `mode: lora` on every linear layer and nothing else trained (no embeddings, no
+# norms), so the exported model's difference from BASE is low-rank per matrix and zero elsewhere
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_settings(rank: int) -> dict:
+    """The config keys of a LoRA fine-tune of rank `rank` (alpha 2 * rank), merged into the weights at export."""
+    return {"mode": "lora", "lora": {"r": rank, "alpha": 2.0 * rank, "target_modules": LORA_TARGETS, "trainable": []}}
 
 
 class Journey:
@@ -127,6 +135,13 @@ class Journey:
         config.update(model=str(base), seed=seed, logging={"log_every": 10, "checkpoint_every": 100})
         for stage, steps in zip(config["stages"], self.args.long_steps or [s["steps"] for s in config["stages"]]):
             stage["steps"] = steps
+        for stage in config["stages"]:
+            if self.args.long_lr is not None:
+                stage["learning_rate"] = self.args.long_lr
+            if self.args.long_rope:
+                stage["rope"] = {"method": self.args.long_rope}
+        if self.args.long_lora_rank:
+            config.update(lora_settings(self.args.long_lora_rank))
         return self.train(f"train LONG seed {seed}", config, self.work / suffixed("long", seed))
 
     def extended(self, model: Path, method: str, name: str = "base-extended") -> Path:
@@ -138,6 +153,12 @@ class Journey:
                          "--output", output)
         return output
 
+    def long_method(self) -> str | None:
+        """The rope method LONG's extension used: --long-from-extend, --long-rope, or its config's last stage's."""
+        if self.args.long_from_extend or self.args.long_rope:
+            return self.args.long_from_extend or self.args.long_rope
+        return (yaml.safe_load(self.args.long_config.read_text())["stages"][-1].get("rope") or {}).get("method")
+
     def sibling(self, base: Path, seed: int) -> Path:
         """BASE fine-tuned at the native length on the skill (mixed with passkey), native rope; precision,
         data haystack and memory settings as LONG's config."""
@@ -147,6 +168,8 @@ class Journey:
         haystack = template.get("data", {}).get("passkey", {}).get("haystack", "noise")
         stage = dict(SIBLING_STAGE, seq_len=self.short, steps=self.args.sibling_steps,
                      learning_rate=self.args.sibling_lr, batch_size=self.args.sibling_batch)
+        if self.args.sibling_lora_rank:
+            settings.update(lora_settings(self.args.sibling_lora_rank))
         return self.train(f"train SIBLING seed {seed}", {
             "model": str(base), "seed": seed, **settings,
             "data": {"source": "synthetic-passkey", "passkey": {"loss": "answer", "haystack": haystack, "tasks": SIBLING_TASKS}},
@@ -175,10 +198,11 @@ class Journey:
 
     def rope_only(self, sibling: Path, long: Path) -> Path:
         """SIBLING with LONG's rope settings and no weights: `longctx extend` with the method LONG
-        was extended by (--long-from-extend, else its trained rope type); checked to agree with LONG."""
+        was extended by (--long-from-extend, else its last stage's planned method, else its trained
+        rope type); checked to agree with LONG."""
         long_config = json.loads((long / "config.json").read_text())
         rope = long_config["rope_parameters"]
-        output = self.extended(sibling, self.args.long_from_extend or rope["rope_type"], "merged/sibling-rope-only")
+        output = self.extended(sibling, self.long_method() or rope["rope_type"], "merged/sibling-rope-only")
         made = json.loads((output / "config.json").read_text())
         if (made["rope_parameters"], made["max_position_embeddings"]) != (rope, long_config["max_position_embeddings"]):
             raise SystemExit(f"extend wrote rope {made['rope_parameters']}, LONG has {rope}: the control would differ")
@@ -299,7 +323,9 @@ class Journey:
                        self.graft(sibling_s, adapter, f"sibling-{suffixed(key['choice'], seed)}"))
         self.results["settings"] = {
             "lengths": [self.short, self.long_len], "base": str(args.base or "pretrained here"),
-            "long_config": str(args.long_config), "long_from_extend": args.long_from_extend, "seeds": args.seeds, "needle_seed": args.needle_seed, "spread_needle_seeds": args.spread_needle_seeds, "probes_per_cell": 5 * args.samples,
+            "long_config": str(args.long_config), "long_from_extend": args.long_from_extend, "long_rope": args.long_rope,
+            "long_lr": args.long_lr, "long_lora_rank": args.long_lora_rank, "sibling_lr": args.sibling_lr,
+            "sibling_lora_rank": args.sibling_lora_rank, "seeds": args.seeds, "needle_seed": args.needle_seed, "spread_needle_seeds": args.spread_needle_seeds, "probes_per_cell": 5 * args.samples,
             "pretrain_steps": args.pretrain_steps, "sibling_steps": args.sibling_steps,
             "long_steps": args.long_steps or "configs/tiny-passkey.yaml", "threads": args.threads}
         self.save()
@@ -408,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STAGE["steps"])
     parser.add_argument("--long-steps", type=lambda s: [int(x) for x in s.split(",")],
                         help="steps of LONG's stages (default: configs/tiny-passkey.yaml's)")
+    parser.add_argument("--long-lr", type=float, help="learning rate of every LONG stage (default: the config's)")
+    parser.add_argument("--long-rope", metavar="METHOD",
+                        help="rope method planned at every LONG stage instead of the config's (e.g. ntk)")
+    parser.add_argument("--long-lora-rank", type=int, default=0,
+                        help="train LONG as a LoRA of this rank on every linear layer, merged at export (0: the config's mode)")
+    parser.add_argument("--sibling-lora-rank", type=int, default=0,
+                        help="train SIBLING as a LoRA of this rank on every linear layer, merged at export (0: full fine-tune)")
     parser.add_argument("--sibling-steps", type=int, default=SIBLING_STAGE["steps"])
     parser.add_argument("--sibling-lr", type=float, default=SIBLING_STAGE["learning_rate"])
     parser.add_argument("--sibling-batch", type=int, default=SIBLING_STAGE["batch_size"])

@@ -144,3 +144,41 @@ def test_the_key_rank_is_the_smallest_meeting_both_goals_else_the_best(journey):
     missed = journey.key_choice(scores_of({4: 0.5, 8: 0.7}, {4: 0.8, 8: 0.4}), ["r4", "r8"], 0.8, 0.9, 256, 1024)
     assert (missed["rank"], missed["choice"]) == (None, "r8")
     assert journey.key_choice(scores_of({4: 0.9}, {4: 0.0}, sibling_skill=0.0), ["r4"], 0.8, 0.9, 256, 1024)["rank"] is None
+
+
+def test_small_moves_lora_siblings_and_a_gentler_long_rope(journey, smoke_run, tmp_path):
+    """--sibling-lora-rank / --long-lora-rank: LoRA fine-tunes merged at export, so each model differs
+    from BASE by a low-rank matrix per linear layer and nowhere else; --long-rope ntk / --long-lr replace
+    the config's rope plan and learning rate at every LONG stage, and the rope-only control follows."""
+    base = smoke_run[0] / "base"
+    work = tmp_path / "small-moves"
+    assert journey.main(["--work", str(work), "--base", str(base), "--long-rope", "ntk", "--long-lr", "3e-4",
+                         "--long-steps", "2,2", "--long-lora-rank", "3", "--sibling-lora-rank", "2",
+                         "--sibling-steps", "3", "--sibling-lr", "5e-3", "--ranks", "full", "--energies", "",
+                         "--seeds", "0", "--samples", "1", "--in-process"]) == 0
+    import yaml
+
+    long_config = yaml.safe_load((work / "configs" / "long.yaml").read_text())
+    assert [stage["rope"] for stage in long_config["stages"]] == [{"method": "ntk"}] * 2
+    assert [stage["learning_rate"] for stage in long_config["stages"]] == [3e-4] * 2
+    sibling_config = yaml.safe_load((work / "configs" / "sibling.yaml").read_text())
+    assert sibling_config["stages"][0]["learning_rate"] == 5e-3
+    base_weights = load_file(base / "model.safetensors")
+    for model, rank in (("sibling", 2), ("long", 3)):
+        assert yaml.safe_load((work / "configs" / f"{model}.yaml").read_text())["lora"]["r"] == rank
+        weights = load_file(work / model / "model.safetensors")
+        moved = 0
+        for name, tensor in weights.items():
+            delta = tensor - base_weights[name]
+            if name.endswith("proj.weight"):
+                assert torch.linalg.matrix_rank(delta, atol=1e-6) <= rank, name
+                moved += bool(delta.abs().max() > 0)
+            else:  # embeddings and norms untouched
+                assert torch.equal(tensor, base_weights[name]), name
+        assert moved == 14, f"{model}: {moved} of 14 linear layers moved"
+    long_rope = json.loads((work / "long" / "config.json").read_text())["rope_parameters"]
+    assert long_rope["rope_type"] == "default" and long_rope["rope_theta"] > 1e4
+    for merged in ("merged/sibling-rope-only", "merged/sibling-rfull"):
+        assert json.loads((work / merged / "config.json").read_text())["rope_parameters"] == long_rope
+    settings = json.loads((work / "results.json").read_text())["settings"]
+    assert (settings["sibling_lora_rank"], settings["long_rope"], settings["long_lr"]) == (2, "ntk", 3e-4)
