@@ -348,3 +348,42 @@ def test_sharded_state_resumes_exactly_on_two_ranks_and_within_1e5_on_one_and_fo
             torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
             for name, tensor in whole_weights.items():
                 torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_resume_on_fewer_replicas_accumulates_more_and_trains_the_same_steps(tmp_path, tiny_llama, corpus):
+    """Saved by 2 data-parallel replicas (a row each per step), resumed in one process: it accumulates
+    2 micro-batches a step, so every step still trains on the same 2 rows, and the losses and weights
+    are the uninterrupted 2-replica run's within 1e-5. 4 replicas cannot split 2 rows: refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from longctx.errors import LongctxError
+    from longctx.train.config import parse_config
+    from longctx.train.loop import RunPaths, check_run
+
+    def config(directory):
+        raw = resume_config(directory, tiny_llama, corpus, 1)
+        raw["stages"][0]["batch_size"] = 1
+        return raw
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_on(2, config(whole))
+    train_on(2, config(cut), stop_after_steps=3)  # the state of step 2 survives
+    resumed = tmp_path / "resumed"
+    shutil.copytree(cut, resumed)
+    train_on(1, config(resumed), resume=True)
+    got, expected = run_losses(resumed), run_losses(whole)
+    assert [step for step, _ in got] == [1, 2, 3, 4, 5]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
+    weights, whole_weights = load_file(resumed / "out" / "model.safetensors"), load_file(whole / "out" / "model.safetensors")
+    for name, tensor in whole_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    parsed = parse_config(config(cut))
+    os.environ["WORLD_SIZE"] = "4"
+    try:
+        with pytest.raises(LongctxError, match="global batch of 2 rows a step .* does not split into 4"):
+            check_run(parsed, RunPaths(Path(parsed.output), Path(parsed.checkpoint_dir)), resume=True)
+    finally:
+        os.environ.pop("WORLD_SIZE")

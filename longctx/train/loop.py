@@ -196,10 +196,12 @@ class RunPaths:
 
 @dataclass
 class Resume:
-    """The saved state a resumed run starts from, and the checkpoint directory holding it."""
+    """The saved state a resumed run starts from, the checkpoint directory holding it, and the
+    data-parallel size its global batch was planned for."""
 
     state: ckpt.TrainState
     directory: Path
+    data_parallel: int
 
 
 @dataclass
@@ -214,6 +216,13 @@ class Run:
     module: CausalLMLoss  # the model with the chunked loss, FSDP-sharded when distributed
     tokenizer: object
     progress: bool
+    # the replicas the global batch (batch_size x gradient_accumulation x replicas) is planned for:
+    # this launch's, or on resume the saved run's, so a resume on other replicas trains the same steps
+    data_parallel: int
+
+    def accumulation(self, stage: StageConfig) -> int:
+        """Micro-batches per step on this launch's replicas that make the planned global batch."""
+        return stage.gradient_accumulation * self.data_parallel // self.runtime.dp_size
 
 
 def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, overwrite: bool = False,
@@ -239,7 +248,8 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
     if runtime.distributed:
         shard_module(module, runtime)
     torch.manual_seed(config.seed)
-    run = Run(config, paths, runtime, model_dir, model, module, tokenizer, progress)
+    run = Run(config, paths, runtime, model_dir, model, module, tokenizer, progress,
+              start.data_parallel if start else runtime.dp_size)
 
     state = start.state if start else ckpt.TrainState()
     steps_left = stop_after_steps  # optimizer steps this invocation may still take (None: no limit)
@@ -247,7 +257,7 @@ def run_training(config: TrainConfig, paths: RunPaths, *, resume: bool = False, 
         if index < state.stage or index == state.stage and state.stage_done:
             continue
         set_rope(model, ropes[index])
-        optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(runtime.dp_size))
+        optimizer, scheduler = make_optimizer(module, config, stage, stage.total_steps(run.data_parallel))
         if start and index == start.state.stage:
             ckpt.load_training_state(start.directory, module=module, optimizer=optimizer, scheduler=scheduler,
                                      rank=runtime.rank, world_size=runtime.world_size)
@@ -284,8 +294,8 @@ def run_stage(run: Run, state: ckpt.TrainState, stage: StageConfig, rope: dict, 
         stage.batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, position=state.data_position,
         seeked=state.data_resume is not None,  # None: a fresh stage, or a source that cannot seek (replayed)
     )
-    total = stage.total_steps(runtime.dp_size)
-    tokens_per_step = stage.tokens_per_step(runtime.dp_size)
+    total = stage.total_steps(run.data_parallel)
+    tokens_per_step = stage.tokens_per_step(run.data_parallel)
     bar = tqdm(total=total, initial=state.step, desc=f"stage {index + 1}/{len(config.stages)} @{stage.seq_len}",
                disable=not (run.progress and runtime.is_main), dynamic_ncols=True)
     stage_start, stage_start_step, losses = time.perf_counter(), state.step, []
@@ -294,7 +304,7 @@ def run_stage(run: Run, state: ckpt.TrainState, stage: StageConfig, rope: dict, 
             bar.close()
             return None
         started = time.perf_counter()
-        micro_batches = [stream.next_batch() for _ in range(stage.gradient_accumulation)]
+        micro_batches = [stream.next_batch() for _ in range(run.accumulation(stage))]
         lr = scheduler.get_last_lr()[0]
         loss = train_step(run.module, optimizer, scheduler, micro_batches, runtime, config.optimizer.grad_clip,
                           config.precision)
@@ -365,7 +375,7 @@ def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, ove
     if resume and overwrite:
         raise LongctxError("--resume continues the run in the checkpoint directory and --overwrite discards it; "
                            "pass one of them")
-    check_world(config.parallel.sequence_parallel)
+    world_size = check_world(config.parallel.sequence_parallel)
     _check_parallel_fits(config)
     inputs = {**run_inputs(config), **(inputs or {})}
     check_output_free(paths.output, overwrite, inputs=inputs)
@@ -391,7 +401,19 @@ def check_run(config: TrainConfig, paths: RunPaths, *, resume: bool = False, ove
             f"cannot resume {paths.checkpoints}: the config's stages differ from the saved run's ({', '.join(changed)}); "
             "use the config the run started with, or --overwrite to start over"
         )
-    return Resume(ckpt.TrainState.from_json(state), state_dir)
+    sp = config.parallel.sequence_parallel
+    planned, replicas = state.get("data_parallel", state["world_size"] // sp), world_size // sp
+    for stage in config.stages[state["stage"]:]:
+        rows = stage.batch_size * stage.gradient_accumulation * planned
+        if stage.gradient_accumulation * planned % replicas:
+            raise LongctxError(
+                f"cannot resume {paths.checkpoints} on {replicas} data-parallel replicas: the run's global batch of "
+                f"{rows} rows a step (batch_size {stage.batch_size} x gradient_accumulation "
+                f"{stage.gradient_accumulation} x {planned} replicas, stage at {stage.seq_len}) does not split into "
+                f"{replicas}; launch {planned} replicas, or a number that divides "
+                f"{stage.gradient_accumulation * planned}"
+            )
+    return Resume(ckpt.TrainState.from_json(state), state_dir, planned)
 
 
 def _check_parallel_fits(config: TrainConfig) -> None:
@@ -433,7 +455,8 @@ def _prepare_checkpoint_dir(paths: RunPaths, start: Resume | None, *, overwrite:
 
 def _save_state(run: Run, state: ckpt.TrainState, optimizer, scheduler) -> None:
     runtime = run.runtime
-    trainer_state = state.to_json(seed=run.config.seed, world_size=runtime.world_size, stages=stage_plan(run.config))
+    trainer_state = state.to_json(seed=run.config.seed, world_size=runtime.world_size, data_parallel=run.data_parallel,
+                                  stages=stage_plan(run.config))
     ckpt.save_training_state(
         run.paths.checkpoints, module=run.module, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
         rank=runtime.rank, world_size=runtime.world_size, keep=run.config.logging.keep_checkpoints,
