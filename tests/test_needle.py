@@ -442,6 +442,13 @@ def test_a_model_that_answers_scores_by_the_answer_parts_it_gets_right(tiny, sco
 def test_memory_refusal_names_the_figure(tiny):
     model, _ = tiny
     assert estimate_memory_bytes(model, 4096) < estimate_memory_bytes(model, 8192)
+    # a CPU sdpa model reads the reused prefix in place (one cache); under eager a prompt copies it (two)
+    assert estimate_memory_bytes(model, 4096) == estimate_memory_bytes(model, 4096, reuse=False)
+    model.set_attn_implementation("eager")
+    try:
+        assert estimate_memory_bytes(model, 4096) > estimate_memory_bytes(model, 4096, reuse=False)
+    finally:
+        model.set_attn_implementation("sdpa")
     with pytest.raises(LongctxError, match=r"GiB .* available"):
         check_memory(model, 10**9)
 

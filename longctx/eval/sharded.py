@@ -21,8 +21,8 @@ The kept logits of a pass come from the ranks that computed them (split) or from
 (replicated), so every rank acts on the same logits and picks the same next token. Which global
 positions each rank holds (the `ShardLayout`) is known on every rank: starting a prompt on the
 reused prefix and dropping a rejected draft need no communication. A prompt's cache reads the
-prefix's keys in place (its attention takes them as one more block) instead of copying them as
-the one-process engine does, so a rank holds its share of the prefix once.
+prefix's keys in place (its attention takes them as one more block, as the one-process engine's
+does on the CPU), so a rank holds its share of the prefix once.
 
 The model is a stock transformers model, run through transformers' public interfaces: the pass
 reaches every attention call as one keyword argument of the model call (transformers hands a
