@@ -140,17 +140,19 @@ class Journey:
                 stage["learning_rate"] = self.args.long_lr
             if self.args.long_rope:
                 stage["rope"] = {"method": self.args.long_rope}
+            if self.args.long_rope_theta is not None:
+                stage["rope"] = {"theta": self.args.long_rope_theta}
         if self.args.long_lora_rank:
             config.update(lora_settings(self.args.long_lora_rank))
         return self.train(f"train LONG seed {seed}", config, self.work / suffixed("long", seed))
 
-    def extended(self, model: Path, method: str, name: str = "base-extended") -> Path:
-        """`longctx extend --method METHOD --target-len LONG` of model (rope only, no training)."""
+    def extended(self, model: Path, method: str, name: str = "base-extended", *options: str) -> Path:
+        """`longctx extend --method METHOD --target-len LONG [options]` of model (rope only, no training)."""
         output = self.work / name
         if not (output / "config.json").is_file():
             output.parent.mkdir(parents=True, exist_ok=True)
             self.longctx(f"extend {name}", "extend", "--model", model, "--method", method, "--target-len", self.long_len,
-                         "--output", output)
+                         "--output", output, *options)
         return output
 
     def long_method(self) -> str | None:
@@ -202,7 +204,10 @@ class Journey:
         rope type); checked to agree with LONG."""
         long_config = json.loads((long / "config.json").read_text())
         rope = long_config["rope_parameters"]
-        output = self.extended(sibling, self.long_method() or rope["rope_type"], "merged/sibling-rope-only")
+        if self.args.long_rope_theta is not None:  # an explicit theta: ntk's --rope-theta writes exactly that
+            output = self.extended(sibling, "ntk", "merged/sibling-rope-only", "--rope-theta", self.args.long_rope_theta)
+        else:
+            output = self.extended(sibling, self.long_method() or rope["rope_type"], "merged/sibling-rope-only")
         made = json.loads((output / "config.json").read_text())
         if (made["rope_parameters"], made["max_position_embeddings"]) != (rope, long_config["max_position_embeddings"]):
             raise SystemExit(f"extend wrote rope {made['rope_parameters']}, LONG has {rope}: the control would differ")
@@ -324,7 +329,7 @@ class Journey:
         self.results["settings"] = {
             "lengths": [self.short, self.long_len], "base": str(args.base or "pretrained here"),
             "long_config": str(args.long_config), "long_from_extend": args.long_from_extend, "long_rope": args.long_rope,
-            "long_lr": args.long_lr, "long_lora_rank": args.long_lora_rank, "sibling_lr": args.sibling_lr,
+            "long_rope_theta": args.long_rope_theta, "long_lr": args.long_lr, "long_lora_rank": args.long_lora_rank, "sibling_lr": args.sibling_lr,
             "sibling_lora_rank": args.sibling_lora_rank, "seeds": args.seeds, "needle_seed": args.needle_seed, "spread_needle_seeds": args.spread_needle_seeds, "probes_per_cell": 5 * args.samples,
             "pretrain_steps": args.pretrain_steps, "sibling_steps": args.sibling_steps,
             "long_steps": args.long_steps or "configs/tiny-passkey.yaml", "threads": args.threads}
@@ -437,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-lr", type=float, help="learning rate of every LONG stage (default: the config's)")
     parser.add_argument("--long-rope", metavar="METHOD",
                         help="rope method planned at every LONG stage instead of the config's (e.g. ntk)")
+    parser.add_argument("--long-rope-theta", type=float, metavar="THETA",
+                        help="an explicit rope_theta at every LONG stage instead of a planned method (the native theta: "
+                             "no rope change, the long context in the weights alone)")
     parser.add_argument("--long-lora-rank", type=int, default=0,
                         help="train LONG as a LoRA of this rank on every linear layer, merged at export (0: the config's mode)")
     parser.add_argument("--sibling-lora-rank", type=int, default=0,

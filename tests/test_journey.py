@@ -182,3 +182,26 @@ def test_small_moves_lora_siblings_and_a_gentler_long_rope(journey, smoke_run, t
         assert json.loads((work / merged / "config.json").read_text())["rope_parameters"] == long_rope
     settings = json.loads((work / "results.json").read_text())["settings"]
     assert (settings["sibling_lora_rank"], settings["long_rope"], settings["long_lr"]) == (2, "ntk", 3e-4)
+
+
+def test_an_explicit_long_theta_keeps_the_native_rope_and_the_control_follows(journey, smoke_run, tmp_path):
+    """--long-rope-theta 10000 (the native theta): LONG learns 1024 tokens in its weights alone, with
+    the rope unchanged but for max_position_embeddings; the rope-only control is `extend --method ntk
+    --rope-theta 10000`, the same settings on the sibling's own weights."""
+    base = smoke_run[0] / "base"
+    work = tmp_path / "native-theta"
+    assert journey.main(["--work", str(work), "--base", str(base), "--long-rope-theta", "10000", "--long-steps", "2,2",
+                         "--sibling-steps", "2", "--sibling-batch", "2", "--ranks", "8", "--energies", "", "--seeds", "0",
+                         "--samples", "1", "--in-process"]) == 0
+    import yaml
+
+    stages = yaml.safe_load((work / "configs" / "long.yaml").read_text())["stages"]
+    assert [stage["rope"] for stage in stages] == [{"theta": 10000.0}] * 2
+    long_config = json.loads((work / "long" / "config.json").read_text())
+    assert long_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+    assert long_config["max_position_embeddings"] == 1024
+    for merged in ("sibling-rope-only", "sibling-r8"):
+        config = json.loads((work / "merged" / merged / "config.json").read_text())
+        assert (config["rope_parameters"], config["max_position_embeddings"]) == (long_config["rope_parameters"], 1024)
+    control, sibling = load_file(work / "merged" / "sibling-rope-only" / "model.safetensors"), load_file(work / "sibling" / "model.safetensors")
+    assert all(torch.equal(control[name], tensor) for name, tensor in sibling.items())
