@@ -510,3 +510,19 @@ def test_cache_sized_tensors_are_mapped_not_kept_in_the_heap_once_the_engine_run
 
     assert mapped("dynamic") == "False"  # the failure the fix is for: the 1 MiB tensor lands in the heap
     assert mapped("fixed") == "True"
+
+
+def test_only_an_evaluation_across_ranks_fixes_the_threshold(tiny, monkeypatch):
+    """One process keeps glibc's own threshold (cheaper in CPU time); a rank fixes it (its memory is the point)."""
+    import longctx.eval.engine as engine
+    from longctx.eval.sharded import Sharding
+
+    calls = []
+    monkeypatch.setattr(engine, "keep_heap_small", lambda: calls.append(1) or True)
+    model, _ = tiny
+    with engine.evaluation_mode(model):
+        pass
+    assert calls == []
+    with engine.evaluation_mode(model, Sharding(None, 0, 2)):
+        pass
+    assert calls == [1]

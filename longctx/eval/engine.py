@@ -62,9 +62,13 @@ def prefix_reuse_supported(config) -> bool:
 @contextlib.contextmanager
 def evaluation_mode(model, sharding: Sharding | None = None):
     """model.eval() and, for an sdpa model on the CPU, `longctx_cached` attention (eval/attention.py)
-    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after. Freed
-    cache buffers and activations go back to the system from here on (cache.keep_heap_small)."""
-    keep_heap_small()
+    for a block, or `longctx_sharded` (eval/sharded.py) with a sharding; both restored after.
+
+    With a sharding, freed cache buffers and activations go back to the system from here on
+    (cache.keep_heap_small): a rank's memory is the point of sharding. One process keeps glibc's
+    own allocation, which costs less CPU time (benchmarks/eval_heap_threshold.py)."""
+    if sharding is not None:
+        keep_heap_small()
     was_training = model.training
     model.eval()
     try:
