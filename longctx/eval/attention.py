@@ -104,16 +104,21 @@ def register_with_transformers() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, cached_attention_mask)
 
 
-@contextlib.contextmanager
-def cached_attention(model):
-    """Run a block with `longctx_cached` attention when a CPU model uses `sdpa` (any other choice is kept).
+def takes_cached_attention(model) -> bool:
+    """Whether `cached_attention` switches this model to `longctx_cached`: a CPU model using `sdpa`.
 
     CPU only: PyTorch's CPU flash kernel takes fewer key/value heads than query heads (GQA), its
     CUDA kernels do not, and no GPU was at hand to measure what splitting would gain there."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if current != REPLACES or model.device.type != "cpu":
+    return getattr(model.config, "_attn_implementation", None) == REPLACES and model.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def cached_attention(model):
+    """Run a block with `longctx_cached` attention when `takes_cached_attention` (any other choice is kept)."""
+    if not takes_cached_attention(model):
         yield
         return
+    current = model.config._attn_implementation
     register_with_transformers()
     model.set_attn_implementation(ATTENTION_NAME)
     try:

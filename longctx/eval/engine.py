@@ -35,7 +35,8 @@ from itertools import islice
 import torch
 
 from longctx.errors import LongctxError
-from longctx.eval.attention import ATTENTION_NAME as CACHED_ATTENTION, BASE_KEYWORD, cached_attention
+from longctx.eval.attention import ATTENTION_NAME as CACHED_ATTENTION
+from longctx.eval.attention import BASE_KEYWORD, cached_attention, takes_cached_attention
 from longctx.eval.cache import cache_keyword, continued_cache, cropped_copy, is_based, keep_heap_small, new_cache
 from longctx.eval.sharded import Sharding, is_sharded, sharded_attention
 from longctx.eval.rotation import rotation_for_length
@@ -275,8 +276,7 @@ def estimate_memory_bytes(model, length: int, *, chunk_size: int = DEFAULT_CHUNK
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype_bytes = next(model.parameters()).element_size()
-    in_place = reads_prefix_in_place(model) or (
-        getattr(config, "_attn_implementation", None) == "sdpa" and model.device.type == "cpu")  # evaluation_mode's choice
+    in_place = reads_prefix_in_place(model) or takes_cached_attention(model)  # inside or before evaluation_mode
     shared_copies = 2 if reuse and ranks == 1 and not in_place else 1
     caches = shared_copies * -(-length // ranks) * kv_bytes_per_token(config, dtype_bytes)
     chunk = min(chunk_size, length)
