@@ -7,8 +7,8 @@ process reports its peak resident memory while it evaluates (VmHWM, the high-wat
 own address space, restarted after the model is loaded and has run one short pass, so that its
 lazily read weights are resident, through /proc/self/clear_refs), the peak while loading and the
 memory after it, its CPU time and wall time, the prefix positions it held,
-and the answer. Weights are replicated on every rank; what sharding saves
-is the KV cache and the activations.
+and the answer. A rank holds its share of the KV cache and of the decoder layers' weights
+(`shard_weights`, FSDP2); the embeddings, final norm and head are whole on every rank.
 
 Memory is the figure; the time is indicative only (the machine is shared). Run outside the heavy
 lock, one torch thread per process:
@@ -55,6 +55,10 @@ def worker(args) -> None:
         sharding = Sharding.of()
     length = parse_token_count(args.length)
     model, tokenizer = load_model_and_tokenizer(args.model)
+    if sharding is not None:  # as `longctx needle --sequence-parallel` does: a rank holds its share of the layers
+        from longctx.eval.sharded import shard_weights
+
+        shard_weights(model, sharding)
     with torch.no_grad():  # the weights are read lazily: one pass makes them resident before the baseline
         model(torch.tensor([[tokenizer.eos_token_id] * 8]))
     loaded_kb, load_peak_kb = memory_kb("VmRSS"), memory_kb("VmHWM")

@@ -46,9 +46,38 @@ def prefix_logits(model, tokenizer, sharding):
     return logits, prefix
 
 
-def engine_outputs(model_dir, sharding=None, dynamic_dir=None):
-    """What the test compares, computed by one process (sharding None) or by every rank of a group."""
+def mapped_files(model_dir) -> list[str]:
+    """The files of model_dir that this process has memory-mapped."""
+    from pathlib import Path
+
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if str(model_dir) in line]
+
+
+def load_on(model_dir, sharding):
+    """The model and tokenizer; across ranks, with this rank holding its share of the decoder layers'
+    weights (as `longctx needle --sequence-parallel` loads it), checked."""
     model, tokenizer = load(model_dir)
+    if sharding is not None:
+        from torch.distributed.tensor import DTensor
+
+        from longctx.eval.sharded import shard_weights
+
+        whole = {name: p.shape for name, p in model.named_parameters()}
+        assert mapped_files(model_dir)  # the loader maps the checkpoint
+        shard_weights(model, sharding)
+        assert not mapped_files(model_dir)  # and no longer: pages read from it do not stay resident
+        for name, p in model.named_parameters():
+            if ".layers." in name:  # a row block of every layer weight, the rest whole
+                assert isinstance(p, DTensor) and p.to_local().shape[0] == -(-whole[name][0] // sharding.size), name
+            else:
+                assert not isinstance(p, DTensor) and p.shape == whole[name], name
+    return model, tokenizer
+
+
+def engine_outputs(model_dir, sharding=None, dynamic_dir=None):
+    """What the test compares, computed by one process (sharding None) or by every rank of a group
+    (each holding its share of the KV cache and of the decoder weights)."""
+    model, tokenizer = load_on(model_dir, sharding)
     outputs, prefix = prefix_logits(model, tokenizer, sharding)
     with evaluation_mode(model, sharding), torch.no_grad():
         ids = torch.randint(3, 250, (23,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -83,7 +112,7 @@ def engine_outputs(model_dir, sharding=None, dynamic_dir=None):
             held = [cache.layout.held(rank) for rank in range(sharding.size)]
             assert max(held) - min(held) <= 1, held
     if dynamic_dir is not None:
-        model, tokenizer = load(dynamic_dir)
+        model, tokenizer = load_on(dynamic_dir, sharding)
         evaluator = Evaluator(model, tokenizer, Task("passkey"), max_length=LENGTH, scoring="generate", chunk_size=CHUNK,
                               sharding=sharding)
         outputs["dynamic"] = [{key: value for key, value in evaluator.evaluate(*cell).to_json().items() if key != "seconds"}
@@ -145,6 +174,25 @@ def _dropped_partial_is_caught(rank, world_size, model_dir, expected):
     logits, _ = prefix_logits(*load(model_dir), sharded.Sharding.of())
     with pytest.raises(AssertionError, match="logits@"):
         assert_same(logits, {name: value for name, value in expected.items() if name in logits})
+
+
+def _corrupted_weight_shard_is_caught(rank, world_size, model_dir, expected):
+    """Negative control: rank 1's shard of one layer weight zeroed, the logits comparison fails (the
+    layers run on the weights gathered from every rank's shard)."""
+    from longctx.eval.sharded import Sharding
+
+    sharding = Sharding.of()
+    model, tokenizer = load_on(model_dir, sharding)
+    if rank == 1:
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.to_local().zero_()
+    logits, _ = prefix_logits(model, tokenizer, sharding)
+    with pytest.raises(AssertionError, match="logits@"):
+        assert_same(logits, {name: value for name, value in expected.items() if name in logits})
+
+
+def test_the_comparison_fails_with_a_wrong_weight_shard(models, one_process):
+    run_ranks(2, _corrupted_weight_shard_is_caught, models[0], one_process)
 
 
 def test_the_comparison_fails_without_one_ranks_partial(models, one_process):
@@ -228,18 +276,21 @@ def test_torchrun_grid_resumes_a_one_process_run_and_writes_what_one_process_wri
 def _suite_on_ranks(rank, world_size, argv):
     import os
 
+    import longctx.eval.sharded as sharded_module
     from longctx.cli import main
     from longctx.eval.sharded import _sharded_cache_class
 
     os.environ["WORLD_SIZE"] = str(world_size)  # what torchrun sets
-    cache_class, passes = _sharded_cache_class(), []
-    run = cache_class.run
+    cache_class, passes, sharded = _sharded_cache_class(), [], []
+    run, shard_weights = cache_class.run, sharded_module.shard_weights
     cache_class.run = lambda self, *args, **kwargs: passes.append(1) or run(self, *args, **kwargs)
+    sharded_module.shard_weights = lambda model, sharding: sharded.append(1) or shard_weights(model, sharding)
     try:
         assert main(argv) == 0
     finally:
-        cache_class.run = run
+        cache_class.run, sharded_module.shard_weights = run, shard_weights
     assert passes  # every pass went through the sharded cache
+    assert sharded == [1]  # over the decoder weights sharded across the ranks
 
 
 def test_ruler_suite_across_ranks_writes_what_one_process_writes(models, tmp_path):

@@ -318,9 +318,10 @@ def load_for_run(
     """What a grid or suite run checks before any work, then its model: not both --resume and
     --overwrite; an output that is free of the model and `inputs` and exists only with --resume or
     --overwrite (rank 0's checks, with a `sharding`); memory for the longest length (this rank's
-    share); an attention the sharded cache can stand in for. Returns (model_dir, model, tokenizer,
+    share); an attention the sharded cache can stand in for; with a sharding, the decoder layers' weights
+    sharded over its ranks. Returns (model_dir, model, tokenizer,
     model_name)."""
-    from longctx.eval.sharded import check_shardable, rank_device
+    from longctx.eval.sharded import check_shardable, rank_device, shard_weights
     from longctx.models import check_output_free, load_model_and_tokenizer, resolve_device, resolve_model
     from longctx.models.reference import reference_path
 
@@ -340,6 +341,7 @@ def load_for_run(
     model_name = Path(settings.model).name if Path(settings.model).exists() else settings.model
     if sharding is not None:
         check_shardable(model)
+        shard_weights(model, sharding)
     check_memory(model, max(lengths), chunk_size=chunk_size, reuse=reuse, ranks=sharding.size if sharding else 1)
     return model_dir, model, tokenizer, model_name
 

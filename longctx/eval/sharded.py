@@ -1,8 +1,8 @@
 """A prompt's KV cache sharded across the ranks of a process group, and `longctx_sharded`, the
 attention over it (a transformers attention implementation).
 
-A prompt too long for one machine is evaluated by P processes (torchrun), each holding the whole
-model and its share of the KV cache. Every rank runs the same engine code on the same token ids;
+A prompt too long for one machine is evaluated by P processes (torchrun), each holding its share
+of the KV cache and of the decoder layers' weights (`shard_weights`). Every rank runs the same engine code on the same token ids;
 each forward pass over the cache (a `ShardedPass`) is one of two kinds:
 
 - split (a prefill chunk of at least P tokens): the chunk is cut into P contiguous pieces; rank r
@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from longctx.attention.blocks import NEG_INF, block_forward, choose_kernel, merge_into
 from longctx.errors import LongctxError
-from longctx.eval.cache import cache_keyword, reserved_layer_class
+from longctx.eval.cache import cache_keyword, keep_heap_small, reserved_layer_class
 
 ATTENTION_NAME = "longctx_sharded"
 PASS_KEYWORD = "longctx_shard"
@@ -237,6 +237,21 @@ def _sharded_cache_class():
 
 def is_sharded(cache) -> bool:
     return isinstance(cache, _sharded_cache_class())
+
+
+def shard_weights(model, sharding: Sharding) -> None:
+    """Keep on this rank only its 1/P of every decoder layer's weights (FSDP2, as `longctx train`
+    shards them): each layer's are all-gathered for its forward and freed after it. The embeddings,
+    final norm and head stay whole on every rank (parallel/fsdp.py says why). Every rank must run
+    every forward pass, as the sharded cache's passes do."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from longctx.parallel.fsdp import shard_decoder_layers
+
+    keep_heap_small()  # before the shards are copied and the first layer gathered (cache.py says why)
+    group = sharding.group if sharding.group is not None else dist.group.WORLD
+    mesh = DeviceMesh.from_group(group, model.device.type)
+    shard_decoder_layers(model, model.get_decoder().layers, mesh, shard_root=False)
 
 
 # Running across ranks -------------------------------------------------------------------------

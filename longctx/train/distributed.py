@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from longctx.errors import LongctxError
+from longctx.parallel.fsdp import shard_decoder_layers
 from longctx.train.loss import unwrap_causal_lm
 
 
@@ -83,9 +84,6 @@ def setup_runtime(sequence_parallel: int, ulysses: int = 1) -> Runtime:
 def shard_module(module: torch.nn.Module, runtime: Runtime) -> None:
     """FSDP2 over all ranks: each decoder layer is a unit, the root holds embeddings, norm and head."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-    for layer in unwrap_causal_lm(module.model).model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    shard_decoder_layers(module, unwrap_causal_lm(module.model).model.layers, mesh)
