@@ -319,7 +319,7 @@ class Journey:
         key = key_choice(self.results["scores"], ranked, args.goal_passkey, args.goal_kept, self.short, self.long_len,
                          skill=self.skill)
         self.results["key_rank"] = key["choice"]
-        random_adapter = self.random_adapter(self.work / "adapters" / key["choice"])
+        random_adapter = self.random_adapter(self.work / "adapters" / suffixed(key["choice"], first))
         self.score(f"SIBLING + random {key['choice']}", self.graft(sibling, random_adapter, f"sibling-random-{key['choice']}"))
         if args.arithmetic_reference:
             self.score("SIBLING + (LONG - BASE), every tensor (reference)", self.arithmetic_reference(base, long, sibling))

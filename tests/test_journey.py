@@ -262,3 +262,14 @@ def test_the_skill_kept_is_read_from_the_skills_own_column(journey):
               "SIBLING + r8": {"passkey@1024": 0.9, "multikey@256": 0.76, "reverse@256": 0.0}}
     key = journey.key_choice(scores, ["r8"], 0.8, 0.9, 256, 1024, skill="multikey")
     assert (key["rank"], key["skill_kept"]) == ("8", pytest.approx(0.95))
+
+
+def test_a_first_seed_other_than_0_finds_its_own_adapters(journey, smoke_run, tmp_path):
+    """--seeds 1: the models and adapters are named with the seed (long-seed1, adapters/r8-seed1), and
+    the random control is made from that adapter."""
+    work = tmp_path / "seed1"
+    assert journey.main(["--work", str(work), "--base", str(smoke_run[0] / "base"), "--ranks", "8", "--energies", "",
+                         "--seeds", "1", "--samples", "1", "--long-steps", "1,1", "--sibling-steps", "2",
+                         "--sibling-batch", "2", "--in-process"]) == 0
+    assert (work / "adapters" / "random-r8-seed1" / "adapter_model.safetensors").is_file()
+    assert "SIBLING + random r8" in json.loads((work / "results.json").read_text())["scores"]
