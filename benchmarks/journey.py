@@ -2,27 +2,29 @@
 context to a sibling fine-tune of the same base, and at which rank does that stop being true?
 
 On the tiny Llama of benchmarks/progressive_passkey.py (2 layers, hidden 128, word-level
-vocabulary over the passkey and reverse prompts, native length 256):
+vocabulary over the passkey and skill prompts, native length 256):
 
 1. BASE     `longctx train` from scratch at 256 on passkey documents (answer-only loss)
 2. LONG     `longctx train --config configs/tiny-passkey.yaml --model BASE`: 512, then 1024 tokens (YaRN)
-3. SIBLING  `longctx train` of BASE at 256 on `reverse` documents (a hidden list of digits, asked
-            backwards: a skill LONG lacks) mixed with passkey ones, native rope
+3. SIBLING  `longctx train` of BASE at 256 on --skill documents (default `reverse`: a hidden list of
+            digits, asked backwards; or `multikey`, `single`...: RULER's "special magic number for
+            KEY" needles, asked by key: a skill LONG lacks) mixed with passkey ones, native rope
 4. ADAPTER  `longctx extract-lora BASE LONG --rank R` for each --ranks (full: the largest matrix
             side) and `--energy E` for each --energies
 5. GRAFT    `longctx merge-adapters --base_model_name_or_path SIBLING --peft_model_paths ADAPTER`
             (and onto BASE: LONG reconstructed)
-6. SCORES   `longctx needle`: passkey at 256 and 1024, reverse at 256 and 1024, 5 depths x --samples
+6. SCORES   `longctx needle`: passkey and the skill at 256 and 1024, 5 depths x --samples
 
 Negative controls: SIBLING with LONG's rope settings only (`longctx extend`, no weights), and
 SIBLING + a random adapter of the key rank (the extracted adapter's shapes, per-module ||BA||
 and full-rank modules, random factors). The key rank is the smallest fixed rank at which the
-grafted sibling reaches --goal-passkey at 1024 and keeps --goal-kept of its reverse score at 256,
+grafted sibling reaches --goal-passkey at 1024 and keeps --goal-kept of its skill score at 256,
 or the best rank when none does. --seeds beyond the first retrain LONG and SIBLING (from the same
 BASE) with that seed and graft at the key rank, for the run-to-run spread.
 
 Every model, adapter and score lives under --work and is skipped when done, so the script can run
-in pieces. The output ends with one JSON line:
+in pieces (a --work holds one skill's journey: a new skill needs its own, BASE included). The
+table's columns name the skill; the output ends with one JSON line:
 {"smallest_rank", "sibling_passkey_long", "sibling_skill_kept", "long_passkey_long",
  "base_passkey_long", "control_rope_only"}.
 
@@ -49,13 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from progressive_passkey import CONFIG as LONG_CONFIG  # noqa: E402
 from progressive_passkey import NATIVE, PRETRAIN_STAGE, init_model  # noqa: E402
 
-SKILL = "reverse"
+SKILL = "reverse"  # the sibling's skill unless --skill names another `longctx needle --task`
+SKILLS = ("reverse", "needle", "single", "multikey", "multivalue", "multiquery")
 EMBEDDINGS_SUFFIX = "-embeddings-"
-TASKS = ("passkey", SKILL)
 DEPTHS = "0,25,50,75,100"
 SIBLING_STAGE = dict(steps=600, learning_rate=1.0e-3, warmup_steps=30, lr_schedule="cosine",
                      batch_size=16)
-SIBLING_TASKS = [SKILL, "passkey"]  # passkey kept in the mix, as a fine-tune keeps its base's abilities
 # --*-lora-rank: `mode: lora` on every linear layer and nothing else trained (no embeddings, no
 # norms), so the exported model's difference from BASE is low-rank per matrix and zero elsewhere
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,6 +76,9 @@ class Journey:
         self.results.setdefault("seconds", {})
         self.results.setdefault("scores", {})
         self.short, self.long_len = args.native, args.long_len
+        self.skill = args.skill
+        self.tasks = ("passkey", self.skill)  # what every model is scored on; BASE's vocabulary covers both
+        self.results["skill"] = self.skill  # main() refused a --work holding another skill's journey
 
     def save(self) -> None:
         self.results_path.write_text(json.dumps(self.results, indent=2, default=str))
@@ -119,7 +123,7 @@ class Journey:
             return self.args.base
         init = self.work / "init"
         if not (init / "config.json").is_file():
-            init_model(init, self.args.seeds[0], tasks=TASKS)
+            init_model(init, self.args.seeds[0], tasks=self.tasks)
         stage = dict(PRETRAIN_STAGE, steps=self.args.pretrain_steps)
         return self.train("train BASE", {
             "model": str(init), "seed": self.args.seeds[0],
@@ -174,7 +178,8 @@ class Journey:
             settings.update(lora_settings(self.args.sibling_lora_rank))
         return self.train(f"train SIBLING seed {seed}", {
             "model": str(base), "seed": seed, **settings,
-            "data": {"source": "synthetic-passkey", "passkey": {"loss": "answer", "haystack": haystack, "tasks": SIBLING_TASKS}},
+            # passkey kept in the mix, as a fine-tune keeps its base's abilities
+            "data": {"source": "synthetic-passkey", "passkey": {"loss": "answer", "haystack": haystack, "tasks": [self.skill, "passkey"]}},
             "optimizer": {"weight_decay": 0.0, "betas": [0.9, 0.95], "grad_clip": 1.0},
             "logging": {"log_every": 50, "checkpoint_every": 200}, "stages": [stage],
         }, self.work / suffixed("sibling", seed))
@@ -267,8 +272,9 @@ class Journey:
 
     # --- scores ---------------------------------------------------------------------------
 
-    def score(self, row: str, model: Path, tasks: tuple[str, ...] = TASKS, needle_seed: int | None = None) -> dict:
-        """{task@length: score} of `longctx needle` on model, each task once over both lengths."""
+    def score(self, row: str, model: Path, tasks: tuple[str, ...] | None = None, needle_seed: int | None = None) -> dict:
+        """{task@length: score} of `longctx needle` on model, each task (default passkey and the skill) once over both lengths."""
+        tasks = self.tasks if tasks is None else tasks
         scores = self.results["scores"].setdefault(row, {})
         needle_seed = self.args.needle_seed if needle_seed is None else needle_seed
         for task in tasks:
@@ -297,7 +303,8 @@ class Journey:
     def run(self) -> dict:
         args, first = self.args, self.args.seeds[0]
         base = self.base()
-        long, sibling = self.long(base, first), self.sibling(base, first)
+        sibling = self.sibling(base, first)  # first: its skill's loss shows early whether the run is worth going on
+        long = self.long(base, first)
         self.score("BASE", base)
         self.score("LONG", long)
         self.score("SIBLING", sibling)
@@ -309,9 +316,10 @@ class Journey:
             self.score(f"SIBLING + {choice}", self.graft(sibling, adapter, f"sibling-{choice}"))
             self.score(f"BASE + {choice} (LONG rebuilt)", self.graft(base, adapter, f"base-{choice}"), ("passkey",))
         self.score("SIBLING, LONG's rope only", self.rope_only(sibling, long))
-        key = key_choice(self.results["scores"], ranked, args.goal_passkey, args.goal_kept, self.short, self.long_len)
+        key = key_choice(self.results["scores"], ranked, args.goal_passkey, args.goal_kept, self.short, self.long_len,
+                         skill=self.skill)
         self.results["key_rank"] = key["choice"]
-        random_adapter = self.random_adapter(self.work / "adapters" / key["choice"])
+        random_adapter = self.random_adapter(self.work / "adapters" / suffixed(key["choice"], first))
         self.score(f"SIBLING + random {key['choice']}", self.graft(sibling, random_adapter, f"sibling-random-{key['choice']}"))
         if args.arithmetic_reference:
             self.score("SIBLING + (LONG - BASE), every tensor (reference)", self.arithmetic_reference(base, long, sibling))
@@ -327,7 +335,7 @@ class Journey:
             self.score(f"SIBLING + {key['choice']} seed {seed}",
                        self.graft(sibling_s, adapter, f"sibling-{suffixed(key['choice'], seed)}"))
         self.results["settings"] = {
-            "lengths": [self.short, self.long_len], "base": str(args.base or "pretrained here"),
+            "skill": self.skill, "lengths": [self.short, self.long_len], "base": str(args.base or "pretrained here"),
             "long_config": str(args.long_config), "long_from_extend": args.long_from_extend, "long_rope": args.long_rope,
             "long_rope_theta": args.long_rope_theta, "long_lr": args.long_lr, "long_lora_rank": args.long_lora_rank, "sibling_lr": args.sibling_lr,
             "sibling_lora_rank": args.sibling_lora_rank, "seeds": args.seeds, "needle_seed": args.needle_seed, "spread_needle_seeds": args.spread_needle_seeds, "probes_per_cell": 5 * args.samples,
@@ -372,21 +380,22 @@ def full_rank(model: Path) -> int:
     return min(config["hidden_size"], config["intermediate_size"])
 
 
-def skill_kept(scores: dict, row: str, short: int) -> float | None:
+def skill_kept(scores: dict, row: str, short: int, skill: str = SKILL) -> float | None:
     """The grafted sibling's skill score at the short length as a fraction of the sibling's own
     (on the same probes)."""
     probes = row[row.index(" (probes seed"):] if " (probes seed" in row else ""
-    own = scores[f"SIBLING{probes}"][f"{SKILL}@{short}"]
-    return scores[row][f"{SKILL}@{short}"] / own if own else None
+    own = scores[f"SIBLING{probes}"][f"{skill}@{short}"]
+    return scores[row][f"{skill}@{short}"] / own if own else None
 
 
-def key_choice(scores: dict, ranks: list[str], goal_passkey: float, goal_kept: float, short: int, long: int) -> dict:
+def key_choice(scores: dict, ranks: list[str], goal_passkey: float, goal_kept: float, short: int, long: int,
+               skill: str = SKILL) -> dict:
     """The smallest rank whose graft meets both goals, else the best one (passkey at 1024, then skill)."""
     rows = []
     for choice in ranks:
         row = scores[f"SIBLING + {choice}"]
         rows.append({"choice": choice, "passkey_long": row[f"passkey@{long}"],
-                     "skill_kept": skill_kept(scores, f"SIBLING + {choice}", short)})
+                     "skill_kept": skill_kept(scores, f"SIBLING + {choice}", short, skill)})
     for row in rows:
         if row["passkey_long"] >= goal_passkey and (row["skill_kept"] or 0.0) >= goal_kept:
             return {**row, "rank": row["choice"][1:].partition(EMBEDDINGS_SUFFIX)[0]}
@@ -395,14 +404,16 @@ def key_choice(scores: dict, ranks: list[str], goal_passkey: float, goal_kept: f
 
 
 def format_table(results: dict, short: int, long: int) -> str:
-    """The markdown table: one row per model, scores per task and length, the adapter's size and error."""
-    columns = [f"passkey@{short}", f"passkey@{long}", f"{SKILL}@{short}", f"{SKILL}@{long}"]
-    lines = [f"| model | {' | '.join(columns)} | skill kept | adapter MB | extraction error (mean / max) |",
+    """The markdown table: one row per model, scores per task (passkey and the sibling's skill, named)
+    and length, the adapter's size and error."""
+    skill = results.get("skill", SKILL)
+    columns = [f"passkey@{short}", f"passkey@{long}", f"{skill}@{short}", f"{skill}@{long}"]
+    lines = [f"| model | {' | '.join(columns)} | {skill} kept | adapter MB | extraction error (mean / max) |",
              "|---|" + "---|" * (len(columns) + 3)]
     adapters = results.get("adapters", {})
     for row, scores in results["scores"].items():
         cells = [f"{scores[c]:.2f}" if c in scores else "-" for c in columns]
-        kept = skill_kept(results["scores"], row, short) if f"{SKILL}@{short}" in scores and "SIBLING" in results["scores"] else None
+        kept = skill_kept(results["scores"], row, short, skill) if f"{skill}@{short}" in scores and "SIBLING" in results["scores"] else None
         choice = row.split(" + ")[1].split(" (")[0] if " + " in row and "random" not in row else None
         choice = choice.replace(" (probes", "") if choice else None
         facts = adapters.get(choice)
@@ -410,6 +421,30 @@ def format_table(results: dict, short: int, long: int) -> str:
         error = f"{facts['relative_error_mean']:.3f} / {facts['relative_error_max']:.3f}" if facts else "-"
         lines.append(f"| {row} | {' | '.join(cells)} | {f'{kept:.0%}' if kept is not None else '-'} | {size} | {error} |")
     return "\n".join(lines)
+
+
+def skill_problem(args: argparse.Namespace) -> str | None:
+    """Why --skill cannot run here: --work holds another skill's journey (one from before --skill
+    existed is reverse's), or --base's vocabulary lacks words of the skill's prompts (a word-level
+    BASE made for another skill: its tokenizer would turn them into <unk>)."""
+    results = args.work / "results.json"
+    if results.is_file():
+        held = json.loads(results.read_text())
+        held = held.get("skill", SKILL if held.get("scores") else args.skill)
+        if held != args.skill:
+            return f"--work {args.work} holds a journey of --skill {held}, not {args.skill}: use another --work"
+    if args.base is not None and (args.base / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        from longctx.train.data import passkey_documents
+
+        tokenizer = AutoTokenizer.from_pretrained(args.base)
+        if tokenizer.unk_token_id is not None:
+            documents = passkey_documents(tokenizer, args.native, seed=0, tasks=(args.skill,))
+            if any(tokenizer.unk_token_id in next(documents).ids for _ in range(20)):
+                return (f"--base {args.base}'s vocabulary lacks words of {args.skill}'s prompts (<unk> in them): "
+                        f"make a BASE with this --skill (leave out --base)")
+    return None
 
 
 def comma_list(text: str) -> list[str]:
@@ -420,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("out/journey"), help="working directory (resumable)")
     parser.add_argument("--base", type=Path, help="an existing BASE model (default: pretrain the tiny Llama here)")
+    parser.add_argument("--skill", choices=SKILLS, default=SKILL,
+                        help="the sibling's skill, a `longctx needle --task` (BASE's vocabulary is built over its prompts)")
     parser.add_argument("--native", type=int, default=NATIVE, help="the short length: SIBLING's training, scores")
     parser.add_argument("--long-len", type=int, default=4 * NATIVE, help="the long length: LONG's target, scores")
     parser.add_argument("--long-config", type=Path, default=LONG_CONFIG,
@@ -462,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="run each longctx command line in this process (tests: no interpreter start-ups)")
     args = parser.parse_args(argv)
+    problem = skill_problem(args)
+    if problem:
+        parser.error(problem)
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch

@@ -59,7 +59,7 @@ def build_word_tokenizer(tasks: tuple[str, ...] = ("passkey",)):
     from transformers import PreTrainedTokenizerFast
 
     from longctx.tasks.haystacks import NOISE_SENTENCES
-    from longctx.tasks.retrieval import Task
+    from longctx.tasks.retrieval import ADJECTIVES, NOUNS, Task
 
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
@@ -72,6 +72,8 @@ def build_word_tokenizer(tasks: tuple[str, ...] = ("passkey",)):
     for task in map(Task, tasks):
         sample = task.sample(random.Random(0))
         texts += [f"{task.instruction}\n", " " + sample.needles[0], f"\n{sample.question} {sample.answer_prefix}{sample.answer}"]
+    if set(tasks) - {"passkey", "reverse", "needle"}:  # RULER's keys are adjective-noun pairs of 3,600: a sample holds one
+        texts.append(" " + " ".join(f"{adjective}-{noun}" for adjective in ADJECTIVES for noun in NOUNS))
     pieces = sorted({piece for text in texts for piece, _ in pre.pre_tokenize_str(text)} | set("0123456789"))
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + pieces)}, unk_token="<unk>"))

@@ -205,3 +205,71 @@ def test_an_explicit_long_theta_keeps_the_native_rope_and_the_control_follows(jo
         assert (config["rope_parameters"], config["max_position_embeddings"]) == (long_config["rope_parameters"], 1024)
     control, sibling = load_file(work / "merged" / "sibling-rope-only" / "model.safetensors"), load_file(work / "sibling" / "model.safetensors")
     assert all(torch.equal(control[name], tensor) for name, tensor in sibling.items())
+
+
+def test_another_skill_runs_the_chain_with_its_own_base_vocabulary_and_names_it(journey, tmp_path, capsys):
+    """--skill multikey (RULER's "special magic number for KEY" needles, asked by key): BASE's word
+    vocabulary covers every key, SIBLING trains on multikey + passkey, every model is scored on
+    multikey, and the table, results and settings name it; the JSON line keeps its keys."""
+    work = tmp_path / "multikey"
+    assert journey.main(["--work", str(work), "--skill", "multikey", "--ranks", "4", "--energies", "", "--seeds", "0",
+                         "--samples", "1", "--pretrain-steps", "2", "--long-steps", "1,1", "--sibling-steps", "2",
+                         "--sibling-batch", "2", "--in-process"]) == 0
+    out = capsys.readouterr().out
+    assert list(json.loads(out.strip().splitlines()[-1])) == JSON_KEYS
+    header = next(line for line in out.splitlines() if line.startswith("| model |"))
+    assert "| multikey@256 | multikey@1024 | multikey kept |" in header and "reverse" not in header
+    results = json.loads((work / "results.json").read_text())
+    assert results["skill"] == results["settings"]["skill"] == "multikey"
+    for row in ("BASE", "LONG", "SIBLING", "SIBLING + r4", "SIBLING, LONG's rope only", "SIBLING + random r4"):
+        assert set(results["scores"][row]) == {"passkey@256", "passkey@1024", "multikey@256", "multikey@1024"}, row
+    assert set(results["scores"]["BASE + r4 (LONG rebuilt)"]) == {"passkey@256", "passkey@1024"}
+    import yaml
+
+    sibling = yaml.safe_load((work / "configs" / "sibling.yaml").read_text())
+    assert sibling["data"]["passkey"]["tasks"] == ["multikey", "passkey"]
+    summary = json.loads((work / "needle" / "sibling-r4-multikey" / "summary.json").read_text())
+    assert summary["settings"]["task"] == "multikey"
+
+    from transformers import AutoTokenizer
+
+    from longctx.train.data import passkey_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "base")
+    documents = passkey_documents(tokenizer, 256, seed=3, tasks=("multikey",))
+    assert not any(tokenizer.unk_token_id in next(documents).ids for _ in range(50))  # keys come from 3,600 pairs
+
+
+def test_a_skill_the_work_or_base_was_not_made_for_is_refused(journey, smoke_run, tmp_path, capsys):
+    """A --work holding reverse's journey, or a --base whose word vocabulary was built for reverse,
+    cannot run --skill multikey: one-line error, exit 2, nothing run or written."""
+    work, _ = smoke_run
+    before = (work / "results.json").read_text()
+    for argv, message in ((["--work", str(work), "--skill", "multikey"], "holds a journey of --skill reverse"),
+                          (["--work", str(tmp_path / "new"), "--base", str(work / "base"), "--skill", "multikey"],
+                           "vocabulary lacks words of multikey's prompts"),
+                          (["--work", str(tmp_path / "new"), "--skill", "passkey"], "invalid choice")):
+        with pytest.raises(SystemExit) as raised:
+            journey.main([*argv, *SMOKE])
+        assert raised.value.code == 2
+        assert message in capsys.readouterr().err
+    assert (work / "results.json").read_text() == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_skill_kept_is_read_from_the_skills_own_column(journey):
+    scores = {"SIBLING": {"multikey@256": 0.8, "reverse@256": 0.0},
+              "SIBLING + r8": {"passkey@1024": 0.9, "multikey@256": 0.76, "reverse@256": 0.0}}
+    key = journey.key_choice(scores, ["r8"], 0.8, 0.9, 256, 1024, skill="multikey")
+    assert (key["rank"], key["skill_kept"]) == ("8", pytest.approx(0.95))
+
+
+def test_a_first_seed_other_than_0_finds_its_own_adapters(journey, smoke_run, tmp_path):
+    """--seeds 1: the models and adapters are named with the seed (long-seed1, adapters/r8-seed1), and
+    the random control is made from that adapter."""
+    work = tmp_path / "seed1"
+    assert journey.main(["--work", str(work), "--base", str(smoke_run[0] / "base"), "--ranks", "8", "--energies", "",
+                         "--seeds", "1", "--samples", "1", "--long-steps", "1,1", "--sibling-steps", "2",
+                         "--sibling-batch", "2", "--in-process"]) == 0
+    assert (work / "adapters" / "random-r8-seed1" / "adapter_model.safetensors").is_file()
+    assert "SIBLING + random r8" in json.loads((work / "results.json").read_text())["scores"]
