@@ -303,9 +303,13 @@ class Journey:
     def run(self) -> dict:
         args, first = self.args, self.args.seeds[0]
         base = self.base()
+        self.score("BASE", base)
+        learned = self.results["scores"]["BASE"][f"passkey@{self.short}"]
+        if learned < args.min_base_passkey:  # a seed whose pretraining did not take: the rest would measure nothing
+            raise JourneyStopped(f"BASE scores {learned:.2f} on passkey at {self.short}, under --min-base-passkey "
+                                 f"{args.min_base_passkey}: pretrain with another --seeds (or more --pretrain-steps) in a new --work")
         sibling = self.sibling(base, first)  # first: its skill's loss shows early whether the run is worth going on
         long = self.long(base, first)
-        self.score("BASE", base)
         self.score("LONG", long)
         self.score("SIBLING", sibling)
         ranked = [f"r{rank}{embeddings_suffix(policy)}" for rank in args.ranks for policy in args.embeddings]
@@ -423,6 +427,10 @@ def format_table(results: dict, short: int, long: int) -> str:
     return "\n".join(lines)
 
 
+class JourneyStopped(Exception):
+    """A journey that cannot measure anything past this point (the message says why and what to do)."""
+
+
 def skill_problem(args: argparse.Namespace) -> str | None:
     """Why --skill cannot run here: --work holds another skill's journey (one from before --skill
     existed is reverse's), or --base's vocabulary lacks words of the skill's prompts (a word-level
@@ -489,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sibling-steps", type=int, default=SIBLING_STAGE["steps"])
     parser.add_argument("--sibling-lr", type=float, default=SIBLING_STAGE["learning_rate"])
     parser.add_argument("--sibling-batch", type=int, default=SIBLING_STAGE["batch_size"])
+    parser.add_argument("--min-base-passkey", type=float, default=0.5,
+                        help="stop after BASE when its passkey at --native is under this (its pretraining did not take)")
     parser.add_argument("--goal-passkey", type=float, default=0.8, help="passkey at 1024 the graft must reach")
     parser.add_argument("--goal-kept", type=float, default=0.9, help="fraction of the sibling's skill it must keep")
     parser.add_argument("--device", default="cpu", help="--device of extract-lora, merge-adapters and needle (train picks CUDA itself)")
@@ -508,7 +518,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     journey = Journey(args)
-    line = journey.run()
+    try:
+        line = journey.run()
+    except JourneyStopped as stopped:
+        print(f"journey: {stopped}", file=sys.stderr)
+        return 2
     print(f"\nseconds per step: {journey.results['seconds']}")
     print(f"\n{format_table(journey.results, args.native, args.long_len)}\n")
     print(json.dumps(line))

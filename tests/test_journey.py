@@ -33,7 +33,7 @@ def journey():
 
 
 SMOKE = ["--ranks", "4,full", "--energies", "0.9", "--seeds", "0,1", "--spread-needle-seeds", "2", "--arithmetic-reference", "--samples", "1", "--pretrain-steps", "3",
-         "--long-steps", "2,2", "--sibling-steps", "3", "--in-process"]
+         "--long-steps", "2,2", "--sibling-steps", "3", "--in-process", "--min-base-passkey", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_the_gpu_variant_starts_from_a_given_base_and_trains_long_from_its_ntk_e
     work = tmp_path / "gpu-path"
     assert journey.main(["--work", str(work), "--base", str(base), "--long-config", str(config), "--long-from-extend", "ntk",
                          "--ranks", "8", "--energies", "", "--seeds", "0", "--samples", "1", "--sibling-steps", "2",
-                         "--sibling-batch", "2", "--in-process"]) == 0
+                         "--sibling-batch", "2", "--in-process", "--min-base-passkey", "0"]) == 0
     extended = json.loads((work / "base-extended" / "config.json").read_text())
     assert extended["rope_parameters"]["rope_theta"] > 1e4 and extended["max_position_embeddings"] == 1024
     for model in ("long", "merged/sibling-rope-only", "merged/sibling-r8"):
@@ -155,7 +155,7 @@ def test_small_moves_lora_siblings_and_a_gentler_long_rope(journey, smoke_run, t
     assert journey.main(["--work", str(work), "--base", str(base), "--long-rope", "ntk", "--long-lr", "3e-4",
                          "--long-steps", "2,2", "--long-lora-rank", "3", "--sibling-lora-rank", "2",
                          "--sibling-steps", "3", "--sibling-lr", "5e-3", "--ranks", "full", "--energies", "",
-                         "--seeds", "0", "--samples", "1", "--in-process"]) == 0
+                         "--seeds", "0", "--samples", "1", "--in-process", "--min-base-passkey", "0"]) == 0
     import yaml
 
     long_config = yaml.safe_load((work / "configs" / "long.yaml").read_text())
@@ -192,7 +192,7 @@ def test_an_explicit_long_theta_keeps_the_native_rope_and_the_control_follows(jo
     work = tmp_path / "native-theta"
     assert journey.main(["--work", str(work), "--base", str(base), "--long-rope-theta", "10000", "--long-steps", "2,2",
                          "--sibling-steps", "2", "--sibling-batch", "2", "--ranks", "8", "--energies", "", "--seeds", "0",
-                         "--samples", "1", "--in-process"]) == 0
+                         "--samples", "1", "--in-process", "--min-base-passkey", "0"]) == 0
     import yaml
 
     stages = yaml.safe_load((work / "configs" / "long.yaml").read_text())["stages"]
@@ -214,7 +214,7 @@ def test_another_skill_runs_the_chain_with_its_own_base_vocabulary_and_names_it(
     work = tmp_path / "multikey"
     assert journey.main(["--work", str(work), "--skill", "multikey", "--ranks", "4", "--energies", "", "--seeds", "0",
                          "--samples", "1", "--pretrain-steps", "2", "--long-steps", "1,1", "--sibling-steps", "2",
-                         "--sibling-batch", "2", "--in-process"]) == 0
+                         "--sibling-batch", "2", "--in-process", "--min-base-passkey", "0"]) == 0
     out = capsys.readouterr().out
     assert list(json.loads(out.strip().splitlines()[-1])) == JSON_KEYS
     header = next(line for line in out.splitlines() if line.startswith("| model |"))
@@ -270,6 +270,21 @@ def test_a_first_seed_other_than_0_finds_its_own_adapters(journey, smoke_run, tm
     work = tmp_path / "seed1"
     assert journey.main(["--work", str(work), "--base", str(smoke_run[0] / "base"), "--ranks", "8", "--energies", "",
                          "--seeds", "1", "--samples", "1", "--long-steps", "1,1", "--sibling-steps", "2",
-                         "--sibling-batch", "2", "--in-process"]) == 0
+                         "--sibling-batch", "2", "--in-process", "--min-base-passkey", "0"]) == 0
     assert (work / "adapters" / "random-r8-seed1" / "adapter_model.safetensors").is_file()
     assert "SIBLING + random r8" in json.loads((work / "results.json").read_text())["scores"]
+
+
+def test_a_base_that_did_not_learn_passkey_stops_the_journey(journey, smoke_run, tmp_path, capsys):
+    """The smoke chain's 3-step BASE scores under the default --min-base-passkey: the journey stops
+    after scoring it, one line, exit 2, before any SIBLING or LONG is trained."""
+    work, _ = smoke_run
+    base_passkey = json.loads((work / "results.json").read_text())["scores"]["BASE"]["passkey@256"]
+    assert base_passkey < 0.5
+    new = tmp_path / "gated"
+    argv = ["--work", str(new), "--base", str(work / "base"), *SMOKE[:-2]]  # the default gate
+    assert journey.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the scoring's progress bars
+    assert last.startswith("journey: ") and f"BASE scores {base_passkey:.2f} on passkey at 256" in last
+    assert not (new / "sibling").exists() and not (new / "long").exists()
+    assert "BASE" in json.loads((new / "results.json").read_text())["scores"]
