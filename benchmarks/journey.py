@@ -22,6 +22,9 @@ grafted sibling reaches --goal-passkey at 1024 and keeps --goal-kept of its skil
 or the best rank when none does. --seeds beyond the first retrain LONG and SIBLING (from the same
 BASE) with that seed and graft at the key rank, for the run-to-run spread.
 
+BASE is scored first: under --min-base-passkey at the short length its pretraining did not take
+(this depends on the seed), and the journey stops there with exit 2.
+
 Every model, adapter and score lives under --work and is skipped when done, so the script can run
 in pieces (a --work holds one skill's journey: a new skill needs its own, BASE included). The
 table's columns name the skill; the output ends with one JSON line:
