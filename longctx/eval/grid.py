@@ -140,8 +140,18 @@ def prepare_output(output: Path, settings: NeedleSettings, *, resume: bool, over
     return []
 
 
-def start_results(output: Path, settings, cells: list, key, *, resume: bool, overwrite: bool) -> tuple[list[dict], list]:
-    """Open the output (prepare_output) and return the rows already done and the cells still to run."""
+def start_results(output: Path, settings, cells: list, key, *, resume: bool, overwrite: bool,
+                  sharding=None) -> tuple[list[dict], list]:
+    """Open the output (prepare_output) and return the rows already done and the cells still to run.
+    With a `sharding`, rank 0 alone opens it (a refusal there is raised on every rank), the other
+    ranks get no rows and rank 0's cells."""
+    if sharding is not None:
+        from longctx.eval.sharded import from_rank_zero, on_every_rank
+
+        main = sharding.rank == 0
+        rows, todo = on_every_rank(sharding, lambda: start_results(
+            output, settings, cells, key, resume=resume, overwrite=overwrite) if main else ([], None))
+        return rows, from_rank_zero(sharding, todo)
     rows = prepare_output(output, settings, resume=resume, overwrite=overwrite)
     done = {key(row) for row in rows}
     todo = [cell for cell in cells if cell not in done]
@@ -247,22 +257,19 @@ def run_grid(
     cell with its share of the KV caches (eval/sharded.py), and rank 0 alone checks and writes the
     output and returns the summary (the others return None). A refusal on any rank is raised on all,
     before the first write."""
-    from longctx.eval.sharded import check_world, from_rank_zero, joined, on_every_rank, rank_device
+    from longctx.eval.sharded import check_world, joined, on_every_rank
     from longctx.models import resolve_device
 
     output = Path(output)
     task = settings.make_task()  # validate before touching the output or loading the model
     check_world(plan.sequence_parallel)
-    device = resolve_device(plan.device)
-    with joined(plan.sequence_parallel, rank_device(device) if plan.sequence_parallel > 1 else device) as sharding:
+    with joined(plan.sequence_parallel, resolve_device(plan.device)) as sharding:
         main = sharding is None or sharding.rank == 0
         evaluator, model_dir, model_name = on_every_rank(
             sharding, lambda: _grid_evaluator(settings, plan, task, output, resume, overwrite, allow_pickle, sharding),
         )
-        started_results = on_every_rank(sharding, lambda: start_results(
-            output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite) if main else None)
-        done_rows, todo = started_results if main else ([], None)
-        todo = from_rank_zero(sharding, todo)
+        done_rows, todo = start_results(output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite,
+                                        sharding=sharding)
         seconds = _run_cells(evaluator, todo, done_rows, output if main else None, progress and main)
         if not main:
             return None

@@ -280,7 +280,8 @@ def check_world(sequence_parallel: int) -> None:
 @contextlib.contextmanager
 def joined(sequence_parallel: int, device: str = "cpu"):
     """The Sharding of this process in a group of `sequence_parallel` torchrun processes (None for 1);
-    the process group is set up for the block (gloo on the CPU, nccl on CUDA) and ended after it."""
+    the process group is set up for the block (gloo on the CPU, nccl on CUDA, each process on its
+    own GPU: `rank_device`) and ended after it. `device`: a resolved --device."""
     check_world(sequence_parallel)
     if sequence_parallel == 1:
         yield None
@@ -288,7 +289,7 @@ def joined(sequence_parallel: int, device: str = "cpu"):
     started = not dist.is_initialized()
     if started:
         if torch.device(device).type == "cuda":
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(rank_device(device))
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     try:
         yield Sharding.of()

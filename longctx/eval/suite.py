@@ -205,14 +205,13 @@ def run_suite(
     rank 0 alone checks and writes the output and returns the summary (the others return None)."""
     from tqdm import tqdm
 
-    from longctx.eval.sharded import from_rank_zero, joined, on_every_rank, rank_device
+    from longctx.eval.sharded import joined, on_every_rank
     from longctx.models import resolve_device
 
     output = Path(output)
     if settings.suite not in SUITES:
         raise LongctxError(f"unknown suite {settings.suite!r}: choose one of {', '.join(SUITES)}")
-    device = resolve_device(plan.device)
-    with joined(plan.sequence_parallel, rank_device(device) if plan.sequence_parallel > 1 else device) as sharding:
+    with joined(plan.sequence_parallel, resolve_device(plan.device)) as sharding:
         main = sharding is None or sharding.rank == 0
         model_dir, model, tokenizer, model_name, qa, style = on_every_rank(
             sharding, lambda: _suite_model(settings, plan, output, resume, overwrite, allow_pickle, sharding))
@@ -223,10 +222,8 @@ def run_suite(
         if plan.skipped and main:
             log.warning("QA skipped (%s): no --qa-data", ", ".join(plan.skipped))
 
-        started_results = on_every_rank(sharding, lambda: start_results(
-            output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite) if main else None)
-        rows, todo = started_results if main else ([], None)
-        todo = from_rank_zero(sharding, todo)
+        rows, todo = start_results(output, settings, plan.cells, cell_key, resume=resume, overwrite=overwrite,
+                                   sharding=sharding)
         started = time.perf_counter()
         bar = tqdm(total=len(todo), desc="ruler", unit="sample", disable=not progress or not main or not todo)
         for length in plan.lengths:
