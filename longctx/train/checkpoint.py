@@ -129,18 +129,17 @@ def read_dcp_index(state_dir: Path):
                            "resume from an earlier state or start again without --resume") from None
 
 
-def _checked_reader(path: Path):
-    """DCP's file reader, reading its index through read_dcp_index."""
+def _checked_reader(path: Path, index):
+    """DCP's file reader, handing DCP `index` (what read_dcp_index read) as the state's index."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class CheckedReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            metadata = read_dcp_index(path)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            if getattr(index, "storage_meta", None) is None:
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
 
     return CheckedReader(path)
 
@@ -154,8 +153,8 @@ def _dcp(operation: str, tensors: dict, path: Path, world_size: int) -> None:
         if operation == "save":
             dcp.save(tensors, checkpoint_id=path, no_dist=world_size == 1)
         else:
-            read_dcp_index(path)  # refused here with one line, before DCP wraps errors per rank
-            dcp.load(tensors, checkpoint_id=path, storage_reader=_checked_reader(path), no_dist=world_size == 1)
+            index = read_dcp_index(path)  # refused here with one line, before DCP wraps errors per rank
+            dcp.load(tensors, checkpoint_id=path, storage_reader=_checked_reader(path, index), no_dist=world_size == 1)
 
 
 def sharded_state(module, optimizer) -> tuple[dict, dict]:
