@@ -6,8 +6,10 @@ torchrun (`Evaluator(..., sharding=...)`, what `longctx needle --sequence-parall
 process reports its peak resident memory while it evaluates (VmHWM, the high-water mark of its
 own address space, restarted after the model is loaded and has run one short pass, so that its
 lazily read weights are resident, through /proc/self/clear_refs), the peak while loading and the
-memory after it, its CPU time and wall time, the prefix positions it held,
-and the answer. A rank holds its share of the KV cache and of the decoder layers' weights
+memory after it, its runtime (the memory of the process with torch, transformers' Llama and longctx
+imported and its process group up, before the model and tokenizer load: what every process holds
+whatever P is, and what a GPU's allocator figures leave out), its CPU time and wall time, the
+prefix positions it held, and the answer. A rank holds its share of the KV cache and of the decoder layers' weights
 (`shard_weights`, FSDP2); the embeddings, final norm and head are whole on every rank.
 
 Memory is the figure; the time is indicative only (the machine is shared). Run outside the heavy
@@ -53,6 +55,9 @@ def worker(args) -> None:
 
         dist.init_process_group("gloo")
         sharding = Sharding.of()
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the loader imports it lazily)
+
+    runtime_kb = memory_kb("VmRSS")
     length = parse_token_count(args.length)
     model, tokenizer = load_model_and_tokenizer(args.model)
     if sharding is not None:  # as `longctx needle --sequence-parallel` does: a rank holds its share of the layers
@@ -73,7 +78,7 @@ def worker(args) -> None:
     row = {
         "ranks": sharding.size if sharding is not None else 1, "rank": sharding.rank if sharding is not None else 0,
         "length": length, "depth": args.depth, "eval_peak_rss_mb": memory_kb("VmHWM") / 1024,
-        "load_peak_rss_mb": load_peak_kb / 1024, "after_load_mb": loaded_kb / 1024, "prefix_positions_held": held, "cpu_s": round(cpu, 1),
+        "load_peak_rss_mb": load_peak_kb / 1024, "after_load_mb": loaded_kb / 1024, "runtime_mb": runtime_kb / 1024, "prefix_positions_held": held, "cpu_s": round(cpu, 1),
         "wall_s": round(wall, 1), "answer": result.answer, "score": result.score,
     }
     with open(args.worker, "a") as stream:
@@ -106,11 +111,14 @@ def main() -> None:
         subprocess.run([*launcher, *common], env=env, check=True)
         print(f"{ranks} process(es): {time.perf_counter() - started:.0f} s wall", flush=True)
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
-    print("| processes | rank | evaluation peak RSS MB | loading peak MB | after load MB | prefix positions held | "
-          "CPU s | wall s | answer | score |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| processes | rank | evaluation peak RSS MB | runtime MB | peak beyond the runtime MB | loading peak MB | "
+          "after load MB | prefix positions held | CPU s | wall s | answer | score |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['ranks']} | {row['rank']} | {row['eval_peak_rss_mb']:.0f} | {row['load_peak_rss_mb']:.0f} | "
+        runtime = row.get("runtime_mb")  # rows written before the runtime was recorded have none
+        beyond = "" if runtime is None else f"{row['eval_peak_rss_mb'] - runtime:.0f}"
+        print(f"| {row['ranks']} | {row['rank']} | {row['eval_peak_rss_mb']:.0f} | "
+              f"{'' if runtime is None else f'{runtime:.0f}'} | {beyond} | {row['load_peak_rss_mb']:.0f} | "
               f"{row['after_load_mb']:.0f} | "
               f"{row['prefix_positions_held']} | {row['cpu_s']} | {row['wall_s']} | {row['answer']!r} | {row['score']} |")
 
