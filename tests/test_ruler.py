@@ -212,6 +212,8 @@ def test_qa_data_is_read_as_ruler_reads_it(qa_data):
 
 
 def test_qa_data_errors(tmp_path):
+    with pytest.raises(LongctxError, match="is not a directory; give the directory that holds squad.json and hotpotqa.json"):
+        load_qa_data(tmp_path / "absent", "squad")
     with pytest.raises(LongctxError, match="has no squad.json"):
         load_qa_data(tmp_path, "squad")
     (tmp_path / "hotpotqa.json").write_text('[{"question": "q", "answer": "a"}]')

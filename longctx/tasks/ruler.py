@@ -488,7 +488,11 @@ def load_qa_data(path: str | Path, dataset: str) -> QaData:
 
     from longctx.tasks.haystacks import dataset_errors
 
-    file = Path(path).expanduser() / QA_FILES[dataset]
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise LongctxError(f"--qa-data {path} is not a directory; give the directory that holds "
+                           f"{' and '.join(QA_FILES.values())}")
+    file = directory / QA_FILES[dataset]
     if not file.is_file():
         raise LongctxError(f"--qa-data {path} has no {QA_FILES[dataset]}; put the {dataset} file there under that name")
     try:
