@@ -22,6 +22,10 @@ grafted sibling reaches --goal-passkey at 1024 and keeps --goal-kept of its skil
 or the best rank when none does. --seeds beyond the first retrain LONG and SIBLING (from the same
 BASE) with that seed and graft at the key rank, for the run-to-run spread.
 
+How far each fine-tune moved (||X - BASE|| / ||BASE|| over the linear weights and over the rest,
+and the cosine of LONG's and SIBLING's linear moves) is printed and kept in results.json under
+"moves", per training seed: two fine-tunes' deltas add only while they are small.
+
 BASE is scored first: under --min-base-passkey at the short length its pretraining did not take
 (this depends on the seed), and the journey stops there with exit 2.
 
@@ -273,6 +277,17 @@ class Journey:
         os.replace(partial, output)
         return output
 
+    def record_moves(self, base: Path, long: Path, sibling: Path, seed: int) -> dict:
+        """How far LONG and SIBLING moved from BASE, kept in results.json under moves["seed S"]
+        (model_moves); printed, since two fine-tunes add only while their moves are small."""
+        moves = self.results.setdefault("moves", {})[f"seed {seed}"] = model_moves(base, long, sibling)
+        print(f"moves from BASE, seed {seed} (||X - BASE|| / ||BASE||, linear weights / the rest): "
+              f"LONG {moves['LONG']['linear']:.3f} / {moves['LONG']['other']:.3f}, "
+              f"SIBLING {moves['SIBLING']['linear']:.3f} / {moves['SIBLING']['other']:.3f}; "
+              f"cosine of the linear moves {moves['cosine_linear']:.3f}", flush=True)
+        self.save()
+        return moves
+
     # --- scores ---------------------------------------------------------------------------
 
     def score(self, row: str, model: Path, tasks: tuple[str, ...] | None = None, needle_seed: int | None = None) -> dict:
@@ -315,6 +330,7 @@ class Journey:
         long = self.long(base, first)
         self.score("LONG", long)
         self.score("SIBLING", sibling)
+        self.record_moves(base, long, sibling, first)
         ranked = [f"r{rank}{embeddings_suffix(policy)}" for rank in args.ranks for policy in args.embeddings]
         choices = ranked + [f"e{energy}{embeddings_suffix(policy)}" for energy in args.energies for policy in args.embeddings]
         for choice in choices:
@@ -337,6 +353,7 @@ class Journey:
             long_s, sibling_s = self.long(base, seed), self.sibling(base, seed)
             self.score(f"LONG seed {seed}", long_s, ("passkey",))
             self.score(f"SIBLING seed {seed}", sibling_s)
+            self.record_moves(base, long_s, sibling_s, seed)
             adapter = self.adapter(base, long_s, key["choice"], seed)
             self.adapter_facts(f"{key['choice']} seed {seed}", adapter)
             self.score(f"SIBLING + {key['choice']} seed {seed}",
@@ -385,6 +402,36 @@ def full_rank(model: Path) -> int:
     """The rank that keeps every linear layer's delta whole: the largest of their smaller sides."""
     config = json.loads((model / "config.json").read_text())
     return min(config["hidden_size"], config["intermediate_size"])
+
+
+def model_moves(base: Path, long: Path, sibling: Path) -> dict:
+    """{"LONG" | "SIBLING": {"linear": ||X - BASE|| / ||BASE|| over the linear layers' weights (LORA_TARGETS),
+    "other": the same over every other tensor (embeddings, norms)}, "cosine_linear": the cosine of the two
+    linear moves}, each norm over the part's tensors flattened together."""
+    from safetensors.torch import load_file
+
+    weights = {name: load_file(model / "model.safetensors") for name, model in
+               (("BASE", base), ("LONG", long), ("SIBLING", sibling))}
+    linear = sorted(name for name in weights["BASE"] if name.rsplit(".", 2)[-2] in LORA_TARGETS)
+    other = sorted(name for name in weights["BASE"] if name not in set(linear))
+
+    def flat(model: str, names: list[str]):
+        import torch
+
+        return torch.cat([weights[model][name].double().flatten() for name in names])
+
+    result, deltas = {}, {}
+    for model in ("LONG", "SIBLING"):
+        result[model] = {}
+        for part, names in (("linear", linear), ("other", other)):
+            base_part = flat("BASE", names)
+            delta = flat(model, names) - base_part
+            result[model][part] = float(delta.norm() / base_part.norm())
+            if part == "linear":
+                deltas[model] = delta
+    norms = deltas["LONG"].norm() * deltas["SIBLING"].norm()
+    result["cosine_linear"] = float(deltas["LONG"] @ deltas["SIBLING"] / norms) if norms else 0.0
+    return result
 
 
 def skill_kept(scores: dict, row: str, short: int, skill: str = SKILL) -> float | None:

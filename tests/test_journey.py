@@ -99,6 +99,27 @@ def test_the_whole_chain_runs_from_the_cli_and_a_rerun_does_nothing(journey, smo
     for name in (n for n in extracted if "lora_" not in n):
         assert torch.equal(extracted[name], random[name])
 
+    # how far LONG and SIBLING moved from BASE, per training seed, checked against the weights themselves
+    assert list(results["moves"]) == ["seed 0", "seed 1"]
+    for seed, suffix in (("seed 0", ""), ("seed 1", "-seed1")):
+        long_w, sibling_w = load_file(work / f"long{suffix}" / "model.safetensors"), load_file(work / f"sibling{suffix}" / "model.safetensors")
+        linear = [n for n in base_weights if n.endswith("_proj.weight")]
+        other = [n for n in base_weights if n not in linear]
+        assert len(linear) == 14 and "model.embed_tokens.weight" in other
+
+        def move(weights, names):
+            delta = torch.cat([(weights[n] - base_weights[n]).double().flatten() for n in names])
+            return delta, float(delta.norm() / torch.cat([base_weights[n].double().flatten() for n in names]).norm())
+
+        moves = results["moves"][seed]
+        for row, weights in (("LONG", long_w), ("SIBLING", sibling_w)):
+            assert moves[row]["linear"] == pytest.approx(move(weights, linear)[1], rel=1e-6)
+            assert moves[row]["other"] == pytest.approx(move(weights, other)[1], rel=1e-6)
+            assert moves[row]["linear"] > 0
+        d_long, d_sibling = move(long_w, linear)[0], move(sibling_w, linear)[0]
+        assert moves["cosine_linear"] == pytest.approx(float(d_long @ d_sibling / d_long.norm() / d_sibling.norm()), rel=1e-6, abs=1e-9)
+    assert "moves from BASE, seed 1" in out
+
     seconds = dict(results["seconds"])
     assert journey.main(["--work", str(work), *SMOKE]) == 0
     assert "$ longctx" not in capsys.readouterr().out
